@@ -1,0 +1,331 @@
+"""Checkpoint IO: atomic writes, validated safetensors files, task vectors and run records.
+
+Every write goes to a temporary file or directory next to its destination and is flushed with
+fsync before it is renamed into place. A killed process therefore leaves the old file or the
+new one, and never a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import struct
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from llmforge.errors import ForgeError
+
+if TYPE_CHECKING:
+    import torch
+
+TASK_VECTOR_FORMAT = "llmforge.task_vector"
+TASK_VECTOR_FORMAT_VERSION = "1"
+
+# A safetensors header takes about a hundred bytes per tensor. The safetensors library rejects
+# headers over 100 MB too, so a larger one is a damaged or hostile file.
+MAX_HEADER_BYTES = 100_000_000
+
+_DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8,
+}
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temporary_name(path: Path) -> Path:
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file beside ``path`` for writing; on success fsync it and rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_name(path)
+    try:
+        with open(temporary, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``path``; on success rename it to ``path``.
+
+    An existing ``path`` raises ForgeError unless ``overwrite`` is set; then the old directory
+    is replaced only after the new one is complete. On any error the temporary directory is
+    removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ForgeError(f"output directory {path} already exists; choose another path or pass --overwrite")
+    if path.exists() and not path.is_dir():
+        raise ForgeError(f"output path {path} exists and is not a directory; remove it or choose another path")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield temporary
+        for file in temporary.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if path.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, retired / path.name)
+            os.replace(temporary, path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON with sorted keys, atomically."""
+    with atomic_write(path, "w") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """Return ``sha256:<hex>`` of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def tensors_digest(tensors: dict[str, "torch.Tensor"]) -> str:
+    """Return ``sha256:<hex>`` over the names, dtypes, shapes and bytes of ``tensors``, in name order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a safetensors header against the file size; raise ForgeError when it lies.
+
+    Checks: the 8-byte length prefix, the header size limit, valid JSON, known dtypes, offsets
+    that lie inside the data section, sizes that match dtype and shape, and no trailing bytes.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ForgeError(f"{path}: not a safetensors file (only {size} bytes); the file is truncated or empty")
+        (header_length,) = struct.unpack("<Q", prefix)
+        if header_length > MAX_HEADER_BYTES or 8 + header_length > size:
+            raise ForgeError(
+                f"{path}: corrupt safetensors header (declares {header_length} header bytes in a "
+                f"{size}-byte file); the file is truncated or damaged, so recreate it"
+            )
+        raw = handle.read(header_length)
+
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ForgeError(f"{path}: corrupt safetensors header ({error}); recreate the file") from None
+    if not isinstance(header, dict):
+        raise ForgeError(f"{path}: corrupt safetensors header (not a JSON object); recreate the file")
+
+    data_size = size - 8 - header_length
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        _check_header_entry(path, name, entry, data_size)
+        end = max(end, entry["data_offsets"][1])
+    if end != data_size:
+        raise ForgeError(
+            f"{path}: the data section has {data_size} bytes but the header describes {end}; "
+            "the file is truncated or damaged, so recreate it"
+        )
+    return header
+
+
+def _check_header_entry(path: Path, name: str, entry: Any, data_size: int) -> None:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        element_count = 1
+        for dim in shape:
+            element_count *= int(dim)
+    except (KeyError, TypeError, ValueError):
+        raise ForgeError(f"{path}: corrupt safetensors header entry for tensor {name!r}; recreate the file") from None
+    if dtype not in _DTYPE_SIZES:
+        raise ForgeError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not (0 <= begin <= end <= data_size) or end - begin != element_count * _DTYPE_SIZES[dtype]:
+        raise ForgeError(
+            f"{path}: tensor {name!r} has offsets {begin}..{end} that do not fit its shape {shape} "
+            f"and the {data_size}-byte data section; the file is truncated or damaged"
+        )
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as a safetensors file, atomically. Metadata values must be strings."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contiguous = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    temporary = _temporary_name(path)
+    try:
+        save_file(contiguous, str(temporary), metadata=metadata)
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
+    """Read a safetensors file after checking its header.
+
+    The tensors are views into a private (copy-on-write) memory map of the file: pages are read
+    on first touch and writing to a tensor never changes the file.
+    """
+    import mmap
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ForgeError(f"safetensors file not found: {path}")
+    header = read_safetensors_header(path)
+    with open(path, "rb") as handle:
+        data_start = 8 + struct.unpack("<Q", handle.read(8))[0]
+    dtypes = {
+        "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+        "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    }
+
+    tensors = {}
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else None
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in dtypes:
+            raise ForgeError(f"{path}: tensor {name!r} has dtype {entry['dtype']} that forge cannot load")
+        begin, end = entry["data_offsets"]
+        dtype = dtypes[entry["dtype"]]
+        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=data_start + begin) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.view(entry["shape"])
+    return tensors
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Return the ``__metadata__`` strings of a safetensors file (empty when it has none)."""
+    return dict(read_safetensors_header(path).get("__metadata__") or {})
+
+
+def compute_task_vector(base_state: dict[str, "torch.Tensor"], tuned_state: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    """Return tuned minus base for every parameter the two state dicts share, in float32.
+
+    Parameters whose names or shapes differ raise ForgeError: a task vector only makes sense
+    between two checkpoints of the same architecture.
+    """
+    import torch
+
+    missing = sorted(set(base_state) ^ set(tuned_state))
+    if missing:
+        raise ForgeError(
+            f"the base and fine-tuned models have different parameters (first: {missing[0]!r}); "
+            "a task vector needs two checkpoints of the same architecture"
+        )
+    vector = {}
+    for name, base in base_state.items():
+        tuned = tuned_state[name]
+        if base.shape != tuned.shape:
+            raise ForgeError(f"parameter {name!r} has shape {tuple(base.shape)} in the base and {tuple(tuned.shape)} in the fine-tuned model")
+        vector[name] = tuned.detach().to(torch.float32) - base.detach().to(torch.float32)
+    return vector
+
+
+def save_task_vector(
+    path: str | os.PathLike,
+    vector: dict[str, "torch.Tensor"],
+    *,
+    base_digest: str,
+    tuned_digest: str,
+    extra: dict[str, str] | None = None,
+) -> None:
+    """Write a task vector (fine-tuned minus base, per parameter) with its provenance metadata."""
+    metadata = {
+        "format": TASK_VECTOR_FORMAT,
+        "format_version": TASK_VECTOR_FORMAT_VERSION,
+        "base_digest": base_digest,
+        "tuned_digest": tuned_digest,
+        **(extra or {}),
+    }
+    save_tensors(path, vector, metadata)
+
+
+def load_task_vector(path: str | os.PathLike) -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:
+    """Read a task vector written by ``save_task_vector``; reject other safetensors files."""
+    metadata = read_metadata(path)
+    if metadata.get("format") != TASK_VECTOR_FORMAT:
+        raise ForgeError(f"{path} is not a forge task vector (metadata format is {metadata.get('format')!r})")
+    if metadata.get("format_version") != TASK_VECTOR_FORMAT_VERSION:
+        raise ForgeError(
+            f"{path} has task-vector format version {metadata.get('format_version')!r}; "
+            f"this forge reads version {TASK_VECTOR_FORMAT_VERSION}"
+        )
+    return load_tensors(path), metadata
+
+
+def _package_version(name: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_record(command: list[str] | None = None, **fields: Any) -> dict[str, Any]:
+    """Return the provenance of a run: command line, package versions, time, plus ``fields``."""
+    versions = {name: _package_version(name) for name in ("llmforge", "torch", "transformers", "peft", "safetensors")}
+    versions["python"] = platform.python_version()
+    return {
+        "command": list(sys.argv) if command is None else command,
+        "versions": versions,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **fields,
+    }

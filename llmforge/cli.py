@@ -1,0 +1,120 @@
+"""The ``forge`` command: a click group whose commands come from plugins.
+
+The core adds only what manages the core itself: ``plugins``, ``models`` and ``cache``.
+Everything else (``finetune``, ``eval``, ...) is added by plugins through ``forge_commands``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from llmforge import __version__
+from llmforge.errors import ForgeError
+from llmforge.plugins import get_plugin_manager, load_errors, loaded_plugins
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class ForgeGroup(click.Group):
+    """A click group that turns ForgeError into ``Error: ...`` on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ForgeError as error:
+            if ctx.find_root().params.get("debug"):
+                raise
+            click.echo(f"Error: {error}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+def print_json(document) -> None:
+    """Write one JSON document on stdout, the form every ``--json`` option uses."""
+    click.echo(json.dumps(document, indent=2, sort_keys=True, default=str))
+
+
+@click.group(cls=ForgeGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "--version", prog_name="forge")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def cli(debug: bool) -> None:
+    """Adapt language models: fine-tune, edit and transfer task vectors, and evaluate the trade-off.
+
+    Models are named by one reference everywhere: a built-in name (see `forge models`), a Hugging
+    Face model directory, a .gguf file, or a PEFT adapter directory. Computed tensors are shared
+    between commands through one cache ($FORGE_CACHE, see `forge cache`).
+    """
+
+
+@cli.command(name="plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
+def plugins_command(as_json: bool) -> None:
+    """List the loaded plugins with their versions and hooks, and the plugins that failed to load."""
+    plugins = [vars(info) for info in loaded_plugins()]
+    errors = [vars(error) for error in load_errors]
+    if as_json:
+        print_json({"schema": "llmforge.plugins/1", "plugins": plugins, "errors": errors})
+        return
+    for info in plugins:
+        click.echo(f"{info['name']:<12} {info['version'] or '-':<10} {info['module']:<22} hooks: {', '.join(info['hooks'])}")
+    for error in errors:
+        click.echo(f"{error['name']:<12} FAILED     {error['module']:<22} {error['error']}")
+
+
+@cli.command(name="models")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
+def models_command(as_json: bool) -> None:
+    """List the built-in models, whether their package is installed, and whether a converted copy is cached."""
+    from llmforge.models import describe_builtin_models
+
+    rows = describe_builtin_models()
+    if as_json:
+        print_json({"schema": "llmforge.models/1", "models": rows})
+        return
+    for row in rows:
+        installed = "installed" if row["installed"] else "not installed"
+        cached = "cached" if row["cached"] else "not cached"
+        click.echo(f"{row['name']:<14} {installed:<14} {cached:<11} {row['description']}")
+        if not row["installed"]:
+            click.echo(f"{'':<14} install with: {row['install']}")
+
+
+def _register_plugin_commands() -> None:
+    for name, error in [(e.name, e.error) for e in load_errors]:
+        click.echo(f"forge: plugin {name!r} failed to load and is skipped: {error}", err=True)
+    manager = get_plugin_manager()
+    for plugin_name, plugin in manager.list_name_plugin():
+        hook = getattr(plugin, "forge_commands", None)
+        if hook is None:
+            continue
+        try:
+            hook(cli=cli)
+        except Exception as error:  # one broken plugin must not break the other commands
+            click.echo(f"forge: plugin {plugin_name!r} failed to add its commands and is skipped: {error}", err=True)
+
+
+def _add_core_groups() -> None:
+    from llmforge.cache_cli import cache_group
+
+    cli.add_command(cache_group)
+
+
+_add_core_groups()
+get_plugin_manager()
+_register_plugin_commands()
+
+
+def main() -> None:
+    """Run ``forge``; a closed stdout (``forge ... | head``) ends the program quietly."""
+    try:
+        cli.main(prog_name="forge")
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
