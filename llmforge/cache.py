@@ -55,7 +55,7 @@ def default_cache_root() -> Path:
 
 @dataclass(frozen=True)
 class CacheKey:
-    """What an entry was computed from: a kind, the digests of its inputs, and its parameters."""
+    """The identity of a cache entry: a kind, the digests of its inputs, and its parameters."""
 
     kind: str
     inputs: Mapping[str, str] = field(default_factory=dict)

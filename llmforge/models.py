@@ -244,7 +244,7 @@ def cached_conversion(model: BuiltinModel, cache: Cache) -> Path | None:
 
 @dataclass
 class ResolvedModel:
-    """Where a reference points on disk: an HF model directory, or an adapter directory plus its base."""
+    """The on-disk location of a reference: an HF model directory, or an adapter directory plus its base."""
 
     reference: str
     path: Path

@@ -1,7 +1,7 @@
 """The plugin manager: loads built-in and third-party plugins from the ``llmforge`` entry points.
 
-A plugin that fails to import or register is recorded in ``load_errors`` and reported by the
-CLI on stderr; the other plugins and commands keep working. ``FORGE_LOAD_PLUGINS`` (a comma
+A plugin that fails to import or register is recorded in ``load_errors``, and the CLI reports
+it on stderr. The other plugins and commands keep working. ``FORGE_LOAD_PLUGINS`` (a comma
 list of entry-point names) restricts which plugins load; set to an empty string, none load.
 """
 
@@ -20,7 +20,7 @@ ENTRY_POINT_GROUP = "llmforge"
 
 @dataclass
 class PluginInfo:
-    """What ``forge plugins`` shows about one loaded plugin."""
+    """The description of one loaded plugin, as ``forge plugins`` prints it."""
 
     name: str
     module: str
