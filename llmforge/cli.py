@@ -1,6 +1,7 @@
 """The ``forge`` command: a click group whose commands come from plugins.
 
-The core adds only what manages the core itself: ``plugins``, ``models`` and ``cache``.
+The core adds only what manages the core itself: ``plugins``, ``models``, ``cache`` and
+``completion``.
 Everything else (``finetune``, ``eval``, ...) is added by plugins through ``forge_commands``.
 """
 
@@ -83,6 +84,21 @@ def models_command(as_json: bool) -> None:
         click.echo(f"{row['name']:<14} {installed:<14} {cached:<11} {row['description']}")
         if not row["installed"]:
             click.echo(f"{'':<14} install with: {row['install']}")
+
+
+@cli.command(name="completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion_command(shell: str) -> None:
+    """Print the completion script for SHELL, built from the commands loaded now.
+
+    \b
+    bash: forge completion bash > ~/.local/share/bash-completion/completions/forge
+    zsh:  forge completion zsh > ~/.zfunc/_forge   (with ~/.zfunc on $fpath before compinit)
+    fish: forge completion fish > ~/.config/fish/completions/forge.fish
+    """
+    from llmforge.completion import render_script
+
+    click.echo(render_script(cli, shell), nl=False)
 
 
 def _register_plugin_commands() -> None:

@@ -1,0 +1,168 @@
+# bash completion for forge.
+# Generated from the click tree of forge and its loaded plugins. Do not edit by hand.
+# Install: source this file from ~/.bashrc, or copy it to
+# ~/.local/share/bash-completion/completions/forge.
+
+# Load the subcommands, option names and positional argument names of the command path $1.
+_forge_command() {
+    _forge_subcommands=() _forge_options=() _forge_arguments=() _forge_variadic=0
+    case "$1" in
+        'forge')
+            _forge_subcommands=(cache completion eval models plugins)
+            _forge_options=(--debug --help --version -h)
+            ;;
+        'forge cache')
+            _forge_subcommands=(gc info ls rm verify)
+            _forge_options=(--help -h)
+            ;;
+        'forge cache gc')
+            _forge_options=(--dry-run --help --json --unused-days -h)
+            ;;
+        'forge cache info')
+            _forge_options=(--help --json -h)
+            _forge_arguments=(keys)
+            _forge_variadic=1
+            ;;
+        'forge cache ls')
+            _forge_options=(--help --json --kind -h)
+            ;;
+        'forge cache rm')
+            _forge_options=(--all --dry-run --help --json --kind -h)
+            _forge_arguments=(keys)
+            _forge_variadic=1
+            ;;
+        'forge cache verify')
+            _forge_options=(--help --json -h)
+            ;;
+        'forge completion')
+            _forge_options=(--help -h)
+            _forge_arguments=(shell)
+            ;;
+        'forge eval')
+            _forge_options=(--baseline --batch-size --data-dir --dtype --general --help --json --limit --list-tasks --model --no-cache --output --quiet --seed --target --task-file -h -o)
+            ;;
+        'forge models')
+            _forge_options=(--help --json -h)
+            ;;
+        'forge plugins')
+            _forge_options=(--help --json -h)
+            ;;
+    esac
+}
+
+# Set _forge_nargs to the number of values that option $2 of command path $1 takes.
+_forge_option_nargs() {
+    case "$1|$2" in
+        'forge cache gc|--unused-days') _forge_nargs=1 ;;
+        'forge cache ls|--kind') _forge_nargs=1 ;;
+        'forge cache rm|--kind') _forge_nargs=1 ;;
+        'forge eval|--baseline') _forge_nargs=1 ;;
+        'forge eval|--batch-size') _forge_nargs=1 ;;
+        'forge eval|--data-dir') _forge_nargs=1 ;;
+        'forge eval|--dtype') _forge_nargs=1 ;;
+        'forge eval|--general') _forge_nargs=1 ;;
+        'forge eval|--limit') _forge_nargs=1 ;;
+        'forge eval|--model') _forge_nargs=1 ;;
+        'forge eval|--output'|'forge eval|-o') _forge_nargs=1 ;;
+        'forge eval|--seed') _forge_nargs=1 ;;
+        'forge eval|--target') _forge_nargs=1 ;;
+        'forge eval|--task-file') _forge_nargs=1 ;;
+        *) _forge_nargs=0 ;;
+    esac
+}
+
+# Complete the value of option $2, or of the argument named $2, of command path $1.
+_forge_value() {
+    case "$1|$2" in
+        'forge completion|shell') _forge_words bash fish zsh ;;
+        'forge eval|--data-dir') _forge_directories ;;
+        'forge eval|--dtype') _forge_words bfloat16 float32 ;;
+        'forge eval|--output'|'forge eval|-o') _forge_files ;;
+        'forge eval|--task-file') _forge_files ;;
+    esac
+}
+
+# Add the arguments that start with the word being completed ($cur) to COMPREPLY.
+_forge_words() {
+    local word
+    for word in "$@"; do
+        if [[ $word == "$cur"* ]]; then
+            COMPREPLY+=("$word")
+        fi
+    done
+}
+
+# Add the file and directory names that start with $cur to COMPREPLY.
+_forge_files() {
+    compopt -o filenames 2>/dev/null
+    mapfile -t -O "${#COMPREPLY[@]}" COMPREPLY < <(compgen -f -- "$cur")
+}
+
+# Add the directory names that start with $cur to COMPREPLY.
+_forge_directories() {
+    compopt -o filenames 2>/dev/null
+    mapfile -t -O "${#COMPREPLY[@]}" COMPREPLY < <(compgen -d -- "$cur")
+}
+
+# Complete the word at COMP_CWORD: walk the earlier words to find the (sub)command, skip the
+# values of options, then offer an option value, option names, subcommands or an argument.
+# Bash splits "--option=value" into three words, so a lone "=" word is handled as a separator.
+_forge() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" path=forge word
+    local i=1 position=0 options_ended=0
+    local _forge_nargs _forge_variadic _forge_subcommands _forge_options _forge_arguments
+    COMPREPLY=()
+
+    while (( i < COMP_CWORD )); do
+        word="${COMP_WORDS[i]}"
+        _forge_command "$path"
+        if (( ! options_ended )) && [[ $word == -- ]]; then
+            options_ended=1
+        elif (( ! options_ended )) && [[ $word == -* ]]; then
+            _forge_option_nargs "$path" "$word"
+            if (( _forge_nargs > 0 )) && [[ ${COMP_WORDS[i+1]-} == "=" ]]; then
+                if (( COMP_CWORD <= i + 2 )); then
+                    [[ $cur == "=" ]] && cur=""
+                    _forge_value "$path" "$word"
+                    return 0
+                fi
+                (( i += 2 ))
+            elif (( _forge_nargs > 0 && COMP_CWORD <= i + _forge_nargs )); then
+                _forge_value "$path" "$word"
+                return 0
+            else
+                (( i += _forge_nargs ))
+            fi
+        elif _forge_is_subcommand "$word"; then
+            path="$path $word"
+            position=0
+            options_ended=0
+        else
+            (( position += 1 ))
+        fi
+        (( i += 1 ))
+    done
+
+    _forge_command "$path"
+    if (( ! options_ended )) && [[ $cur == -* ]]; then
+        _forge_words "${_forge_options[@]}"
+    elif (( ${#_forge_subcommands[@]} )); then
+        _forge_words "${_forge_subcommands[@]}"
+    elif (( position < ${#_forge_arguments[@]} )); then
+        _forge_value "$path" "${_forge_arguments[position]}"
+    elif (( ${#_forge_arguments[@]} && _forge_variadic )); then
+        _forge_value "$path" "${_forge_arguments[-1]}"
+    fi
+    return 0
+}
+
+# Succeed when $1 is a subcommand of the command that _forge_command loaded last.
+_forge_is_subcommand() {
+    local name
+    for name in "${_forge_subcommands[@]}"; do
+        [[ $name == "$1" ]] && return 0
+    done
+    return 1
+}
+
+complete -F _forge forge

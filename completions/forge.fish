@@ -1,0 +1,147 @@
+# fish completion for forge.
+# Generated from the click tree of forge and its loaded plugins. Do not edit by hand.
+# Install: copy this file to ~/.config/fish/completions/forge.fish.
+
+# Print the subcommands of subcommand path $argv[1].
+function __forge_subcommands
+    switch $argv[1]
+        case ''
+            printf '%s\n' cache completion eval models plugins
+        case 'cache'
+            printf '%s\n' gc info ls rm verify
+    end
+end
+
+# Print the number of values that option $argv[2] at subcommand path $argv[1] takes.
+function __forge_option_nargs
+    switch "$argv[1]|$argv[2]"
+        case 'cache gc|--unused-days'
+            echo 1
+        case 'cache ls|--kind'
+            echo 1
+        case 'cache rm|--kind'
+            echo 1
+        case 'eval|--baseline'
+            echo 1
+        case 'eval|--batch-size'
+            echo 1
+        case 'eval|--data-dir'
+            echo 1
+        case 'eval|--dtype'
+            echo 1
+        case 'eval|--general'
+            echo 1
+        case 'eval|--limit'
+            echo 1
+        case 'eval|--model'
+            echo 1
+        case 'eval|--output' 'eval|-o'
+            echo 1
+        case 'eval|--seed'
+            echo 1
+        case 'eval|--target'
+            echo 1
+        case 'eval|--task-file'
+            echo 1
+        case '*'
+            echo 0
+    end
+end
+
+# Print the subcommand path of the command line being completed, e.g. "cache gc".
+function __forge_path
+    set -l path ''
+    set -l skip 0
+    for token in (commandline -opc)[2..-1]
+        if test $skip -gt 0
+            set skip (math $skip - 1)
+        else if string match -q -- '-*' $token
+            set skip (__forge_option_nargs "$path" $token)
+        else if contains -- $token (__forge_subcommands "$path")
+            set path (string trim -- "$path $token")
+        end
+    end
+    echo $path
+end
+
+# Succeed when the command line being completed is at the subcommand path given as arguments.
+function __forge_at
+    set -l path (__forge_path)
+    test "$path" = "$argv"
+end
+
+complete -c forge -f
+
+# forge
+complete -c forge -n '__forge_at' -a 'cache' -d 'Manage the shared tensor cache ($FORGE_CACHE, else ~/.cache/llmforge on Linux)'
+complete -c forge -n '__forge_at' -a 'completion' -d 'Print the completion script for SHELL, built from the commands loaded now'
+complete -c forge -n '__forge_at' -a 'eval' -d 'Evaluate models on target and general tasks and report scores, standard...'
+complete -c forge -n '__forge_at' -a 'models' -d 'List the built-in models, whether their package is installed, and whether a...'
+complete -c forge -n '__forge_at' -a 'plugins' -d 'List the loaded plugins with their versions and hooks, and the plugins that...'
+complete -c forge -n '__forge_at' -l debug -d 'Show the full traceback of an error'
+complete -c forge -n '__forge_at' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at' -l version -d 'Show the version and exit'
+
+# forge cache
+complete -c forge -n '__forge_at cache' -a 'gc' -d 'Remove blobs no entry uses and leftovers of interrupted writes older than an...'
+complete -c forge -n '__forge_at cache' -a 'info' -d 'Show the full record of the entries whose key digests start with KEYS'
+complete -c forge -n '__forge_at cache' -a 'ls' -d 'List cache entries with their kind, size, creation time and last use'
+complete -c forge -n '__forge_at cache' -a 'rm' -d 'Remove the entries whose key digests start with KEYS (or --kind, or --all)...'
+complete -c forge -n '__forge_at cache' -a 'verify' -d 'Check every entry against its content digest; exit with status 1 if any is...'
+complete -c forge -n '__forge_at cache' -l help -s h -d 'Show this message and exit'
+
+# forge cache gc
+complete -c forge -n '__forge_at cache gc' -l dry-run -d 'Only list what would be removed'
+complete -c forge -n '__forge_at cache gc' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at cache gc' -l json -d 'Print a JSON document instead of text'
+complete -c forge -n '__forge_at cache gc' -l unused-days -x -d 'Also remove entries not used for this many days'
+
+# forge cache info
+complete -c forge -n '__forge_at cache info' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at cache info' -l json -d 'Print a JSON document instead of text'
+
+# forge cache ls
+complete -c forge -n '__forge_at cache ls' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at cache ls' -l json -d 'Print a JSON document instead of a table'
+complete -c forge -n '__forge_at cache ls' -l kind -x -d 'Show only entries of this kind (for example converted-model, eval-score)'
+
+# forge cache rm
+complete -c forge -n '__forge_at cache rm' -l all -d 'Remove every entry'
+complete -c forge -n '__forge_at cache rm' -l dry-run -d 'Only list what would be removed'
+complete -c forge -n '__forge_at cache rm' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at cache rm' -l json -d 'Print a JSON document instead of text'
+complete -c forge -n '__forge_at cache rm' -l kind -x -d 'Remove every entry of this kind'
+
+# forge cache verify
+complete -c forge -n '__forge_at cache verify' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at cache verify' -l json -d 'Print a JSON document instead of text'
+
+# forge completion
+complete -c forge -n '__forge_at completion' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at completion' -a 'bash fish zsh'
+
+# forge eval
+complete -c forge -n '__forge_at eval' -l baseline -x -d 'Reference model; the report adds deltas (model minus baseline)'
+complete -c forge -n '__forge_at eval' -l batch-size -x -d 'Sequences per forward pass'
+complete -c forge -n '__forge_at eval' -l data-dir -x -a '(__fish_complete_directories)' -d 'Directory of the public data sets that specs name as {data_dir} [env...'
+complete -c forge -n '__forge_at eval' -l dtype -x -a 'bfloat16 float32' -d 'Weight and activation dtype for scoring'
+complete -c forge -n '__forge_at eval' -l general -x -d 'General-capability tasks (stability)'
+complete -c forge -n '__forge_at eval' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at eval' -l json -d 'Print the JSON report instead of the table'
+complete -c forge -n '__forge_at eval' -l limit -x -d 'Score N examples per task, drawn with --seed (perplexity: the first N windows)'
+complete -c forge -n '__forge_at eval' -l list-tasks -d 'List the available tasks and exit'
+complete -c forge -n '__forge_at eval' -l model -x -d 'Model to evaluate (built-in name, HF dir, .gguf file or PEFT adapter dir)...'
+complete -c forge -n '__forge_at eval' -l no-cache -d 'Recompute every score; neither read nor write cached scores'
+complete -c forge -n '__forge_at eval' -l output -s o -r -F -d 'Write the JSON report to this file'
+complete -c forge -n '__forge_at eval' -l quiet -d 'No progress bars or log lines on stderr'
+complete -c forge -n '__forge_at eval' -l seed -x -d 'Seed that draws the --limit sample'
+complete -c forge -n '__forge_at eval' -l target -x -d 'Target tasks (plasticity)'
+complete -c forge -n '__forge_at eval' -l task-file -r -F -d 'YAML or JSON task spec to add; repeatable'
+
+# forge models
+complete -c forge -n '__forge_at models' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at models' -l json -d 'Print a JSON document instead of a table'
+
+# forge plugins
+complete -c forge -n '__forge_at plugins' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at plugins' -l json -d 'Print a JSON document instead of a table'
