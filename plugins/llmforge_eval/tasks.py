@@ -1,0 +1,259 @@
+"""Evaluation task specs: validated definitions read from YAML/JSON files or dicts, and their data.
+
+A spec names one task of one kind:
+
+- ``multiple_choice``: score each choice's continuation by log-likelihood given the prompt;
+- ``generate``: greedy generation, answer extraction, exact or numeric match;
+- ``perplexity``: rolling-window perplexity over a text.
+
+Templates such as ``prompt`` use ``{field}`` placeholders that read a record's field; a dotted
+name reads a nested field (``{question.stem}``), and ``{{`` / ``}}`` are literal braces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmforge.checkpoint import file_digest
+from llmforge.errors import ForgeError
+
+KINDS = ("multiple_choice", "generate", "perplexity")
+EXTRACTORS = ("last_number", "first_line", "none")
+GENERATE_METRICS = ("exact_match", "numeric_match")
+CHOICE_METRICS = ("acc", "acc_norm")
+DATA_DIR_ENV = "FORGE_DATA_DIR"
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One evaluation task; `source` names the file or plugin it came from (not part of the digest)."""
+
+    name: str
+    kind: str
+    data: str
+    description: str = ""
+    prompt: str = ""
+    # multiple_choice: a list of literal choices, or the record field that contains the choice list.
+    choices: list[str] | str | None = None
+    choice_text: str | None = None
+    choice_label: str | None = None
+    continuation: str = " {choice}"
+    answer: str | None = None
+    answer_map: dict[str, int] | None = None
+    # generate
+    reference: str | None = None
+    reference_extract: str = "none"
+    extract: str = "none"
+    stop: list[str] = field(default_factory=list)
+    max_new_tokens: int = 32
+    # perplexity
+    text_field: str | None = None
+    max_length: int = 512
+    stride: int = 256
+    metric: str | None = None
+    source: str = field(default="<dict>", compare=False)
+
+    @property
+    def metric_name(self) -> str:
+        """The metric that `score` reports for this task."""
+        if self.metric:
+            return self.metric
+        return {"multiple_choice": "acc", "generate": "exact_match", "perplexity": "perplexity"}[self.kind]
+
+
+_FIELDS = {f.name for f in dataclasses.fields(TaskSpec)} - {"source"}
+_REQUIRED = ("name", "kind", "data")
+
+
+def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> TaskSpec:
+    """Validate one raw spec mapping and build a TaskSpec; ForgeError names the field and the source."""
+    if not isinstance(raw, dict):
+        raise ForgeError(f"Invalid task spec in {source}: expected a mapping, got {type(raw).__name__}.")
+
+    unknown = sorted(set(raw) - _FIELDS)
+    if unknown:
+        raise ForgeError(
+            f"Unknown field {unknown[0]!r} in task spec {source}; allowed fields: {', '.join(sorted(_FIELDS))}."
+        )
+    for name in _REQUIRED:
+        if not raw.get(name):
+            raise ForgeError(f"Missing field {name!r} in task spec {source}.")
+
+    if isinstance(raw.get("answer_map"), dict):
+        # YAML reads {0: 0} with integer keys; answers are looked up by their string form.
+        raw = {**raw, "answer_map": {str(key): value for key, value in raw["answer_map"].items()}}
+    spec = TaskSpec(**raw, source=source)
+    _check_types(spec)
+    _check_values(spec)
+    return spec
+
+
+_TYPES = {
+    "name": str, "kind": str, "data": str, "description": str, "prompt": str, "choices": (list, str, type(None)),
+    "choice_text": (str, type(None)), "choice_label": (str, type(None)), "continuation": str,
+    "answer": (str, type(None)), "answer_map": (dict, type(None)), "reference": (str, type(None)),
+    "reference_extract": str, "extract": str, "stop": list, "max_new_tokens": int, "text_field": (str, type(None)),
+    "max_length": int, "stride": int, "metric": (str, type(None)),
+}
+
+
+def _check_types(spec: TaskSpec) -> None:
+    for name, expected in _TYPES.items():
+        value = getattr(spec, name)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ForgeError(f"Invalid value {value!r} for field {name!r} in task spec {spec.source}.")
+    for name in ("stop", "choices"):
+        value = getattr(spec, name)
+        if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+            raise ForgeError(f"Invalid field {name!r} in task spec {spec.source}: expected a list of strings.")
+    if spec.answer_map is not None and not all(isinstance(v, int) for v in spec.answer_map.values()):
+        raise ForgeError(f"Invalid field 'answer_map' in task spec {spec.source}: values must be choice indices.")
+
+
+def _check_values(spec: TaskSpec) -> None:
+    where = f"task {spec.name!r} ({spec.source})"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", spec.name):
+        raise ForgeError(f"Invalid task name {spec.name!r} in {spec.source}: use letters, digits, '_', '.', '-'.")
+    if spec.kind not in KINDS:
+        raise ForgeError(f"Invalid kind {spec.kind!r} in {where}; expected one of {', '.join(KINDS)}.")
+
+    if spec.kind == "multiple_choice":
+        if not spec.prompt or spec.choices is None or spec.answer is None:
+            raise ForgeError(f"Missing field in {where}: multiple_choice needs 'prompt', 'choices' and 'answer'.")
+        if spec.metric not in (None, *CHOICE_METRICS):
+            raise ForgeError(f"Invalid metric {spec.metric!r} in {where}; expected one of {', '.join(CHOICE_METRICS)}.")
+    elif spec.kind == "generate":
+        if not spec.prompt or spec.reference is None:
+            raise ForgeError(f"Missing field in {where}: generate needs 'prompt' and 'reference'.")
+        if spec.metric not in (None, *GENERATE_METRICS):
+            raise ForgeError(f"Invalid metric {spec.metric!r} in {where}; expected one of {', '.join(GENERATE_METRICS)}.")
+        for name in ("extract", "reference_extract"):
+            check_extractor(getattr(spec, name), f"{name} of {where}")
+        if spec.max_new_tokens < 1:
+            raise ForgeError(f"Invalid max_new_tokens {spec.max_new_tokens} in {where}; use 1 or more.")
+    else:
+        if spec.metric not in (None, "perplexity"):
+            raise ForgeError(f"Invalid metric {spec.metric!r} in {where}; perplexity tasks report 'perplexity'.")
+        if not 0 < spec.stride <= spec.max_length:
+            raise ForgeError(f"Invalid stride {spec.stride} in {where}: use 1 to max_length ({spec.max_length}).")
+
+
+def check_extractor(name: str, where: str) -> None:
+    """Raise ForgeError unless `name` is a known answer extractor or a compilable `regex:` pattern."""
+    if name.startswith("regex:"):
+        try:
+            re.compile(name[len("regex:"):])
+        except re.error as error:
+            raise ForgeError(f"Invalid regular expression in {where}: {error}.") from error
+        return
+    if name not in EXTRACTORS:
+        raise ForgeError(f"Invalid extractor {name!r} in {where}; expected one of {', '.join(EXTRACTORS)} or 'regex:PATTERN'.")
+
+
+def load_spec_file(path: str | Path) -> TaskSpec:
+    """Read a YAML or JSON spec file (one mapping) and validate it."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ForgeError(f"Task file not found: {path}. Check the path given to --task-file.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ForgeError(f"Invalid YAML/JSON in task file {path}: {error}") from error
+    return parse_spec(raw, source=str(path))
+
+
+def coerce_spec(item: dict | str | Path, source: str) -> TaskSpec:
+    """Build a TaskSpec from what a `forge_eval_tasks` hook returns: a spec dict or a spec file path."""
+    if isinstance(item, TaskSpec):
+        return item
+    if isinstance(item, (str, Path)):
+        return load_spec_file(item)
+    return parse_spec(dict(item), source=source)
+
+
+def resolve_data_path(spec: TaskSpec, data_dir: str | Path | None = None) -> Path:
+    """Locate the spec's data file: `demo:NAME`, `{data_dir}/...`, or a path relative to the spec file."""
+    where = f"task {spec.name!r} ({spec.source})"
+    data = spec.data
+
+    if data.startswith("demo:"):
+        from llmforge.data import resolve_data_path as resolve_demo
+
+        return Path(resolve_demo(data))
+
+    if "{data_dir}" in data:
+        data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+        if not data_dir:
+            raise ForgeError(f"Task {spec.name!r} reads {data}: pass --data-dir DIR or set ${DATA_DIR_ENV}.")
+        if not Path(data_dir).is_dir():
+            raise ForgeError(f"Data directory not found: {data_dir} (needed by {where}).")
+        data = data.replace("{data_dir}", str(data_dir))
+
+    path = Path(data).expanduser()
+    if not path.is_absolute() and spec.source not in ("<dict>", "") and Path(spec.source).is_file():
+        path = (Path(spec.source).parent / path).resolve()
+    if not path.is_file():
+        raise ForgeError(f"Data file not found: {path} (needed by {where}).")
+    return path
+
+
+def task_digest(spec: TaskSpec, data_path: Path) -> str:
+    """Return the digest of the normalised spec plus the data file's content.
+
+    The data location and the description are left out, so the same spec over the same bytes gets
+    the same digest wherever the data directory is.
+    """
+    normalised = dataclasses.asdict(spec)
+    for name in ("source", "data", "description"):
+        normalised.pop(name)
+    normalised["data_digest"] = file_digest(data_path)
+
+    text = json.dumps(normalised, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def render(template: str, record: dict, where: str) -> str:
+    """Fill `{field}` placeholders in `template` from `record`."""
+
+    def substitute(match: re.Match) -> str:
+        if match.group(0) in ("{{", "}}"):
+            return match.group(0)[0]
+        return str(field_value(record, match.group(1), where))
+
+    return _PLACEHOLDER.sub(substitute, template)
+
+
+def field_value(record: dict, dotted: str, where: str) -> Any:
+    """Read a (dotted) field from a record; ForgeError when it is missing."""
+    value: Any = record
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ForgeError(f"Missing field {dotted!r} in a record of {where}; fields are {sorted(record)}.")
+        value = value[part]
+    return value
+
+
+def read_task_records(path: Path) -> list[dict]:
+    """Read JSONL, JSON-array or TSV/CSV records (through llmforge.data.read_records)."""
+    from llmforge.data import read_records
+
+    return list(read_records(path))
+
+
+def sample_indices(total: int, limit: int | None, seed: int) -> list[int]:
+    """Return the indices of the examples to score: all of them, or `limit` drawn with `seed`, in file order."""
+    if limit is None or limit >= total:
+        return list(range(total))
+    return sorted(random.Random(seed).sample(range(total), limit))

@@ -1,0 +1,254 @@
+"""forge eval end to end on the tiny model: specs, the cache, baselines, the report and the installed script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from llmforge.cli import cli
+from llmforge_eval.evaluate import evaluate
+from llmforge_eval.tasks import parse_spec, task_digest
+
+FORGE = Path("/work/venv/bin/forge")
+
+
+def write_tasks(folder: Path) -> dict[str, Path]:
+    """Write a small multiple-choice, generation and perplexity task with their data; return the spec paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    questions = [
+        {"question": "What color is the sky?", "choices": ["blue", "green", "red"], "answer": 0},
+        {"question": "How many legs does a cat have?", "choices": ["two", "four", "six"], "answer": 1},
+        {"question": "What is frozen water?", "choices": ["steam", "sand", "ice"], "answer": 2},
+        {"question": "Which animal barks?", "choices": ["dog", "fish", "bird"], "answer": 0},
+    ]
+    (folder / "quiz.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    sums = [{"question": f"What is {a} plus {b}?", "answer": str(a + b)} for a, b in [(2, 3), (10, 7), (4, 4)]]
+    (folder / "sums.jsonl").write_text("".join(json.dumps(s) + "\n" for s in sums))
+    (folder / "text.txt").write_text("Small models learn small things. " * 20)
+
+    specs = {
+        "quiz": {"name": "quiz", "kind": "multiple_choice", "data": "quiz.jsonl",
+                 "prompt": "Question: {question}\nAnswer:", "choices": "choices", "answer": "answer"},
+        "sums": {"name": "sums", "kind": "generate", "data": "sums.jsonl", "prompt": "Question: {question}\nAnswer:",
+                 "reference": "{answer}", "extract": "last_number", "metric": "numeric_match",
+                 "stop": ["\n"], "max_new_tokens": 4},
+        "text": {"name": "text", "kind": "perplexity", "data": "text.txt", "max_length": 32, "stride": 16},
+    }
+    paths = {}
+    for name, spec in specs.items():
+        paths[name] = folder / f"{name}.json"
+        paths[name].write_text(json.dumps(spec))
+    return paths
+
+
+def run_eval(*args: str):
+    return CliRunner().invoke(cli, ["eval", *args])
+
+
+def test_eval_json_report(tiny_model_dir, tmp_path):
+    tasks = write_tasks(tmp_path / "tasks")
+    output = tmp_path / "report.json"
+    result = run_eval("--model", str(tiny_model_dir), "--target", "sums", "--general", "quiz,text",
+                      "--task-file", str(tasks["quiz"]), "--task-file", str(tasks["sums"]),
+                      "--task-file", str(tasks["text"]), "--dtype", "float32", "--quiet", "--json", "-o", str(output))
+    assert result.exit_code == 0, result.output
+
+    report = json.loads(result.stdout)
+    assert report == json.loads(output.read_text())
+    assert report["schema"] == "llmforge.eval/1"
+    assert report["inputs"]["dtype"] == "float32"
+    assert [task["name"] for task in report["inputs"]["tasks"]] == ["sums", "quiz", "text"]
+
+    entry = report["results"][0]
+    assert entry["digest"].startswith("sha256:")
+    assert entry["tasks"]["quiz"]["n"] == 4
+    assert entry["tasks"]["sums"]["n"] == 3
+    assert entry["tasks"]["text"]["metric"] == "perplexity"
+    assert entry["summary"]["target_score"] == entry["tasks"]["sums"]["score"]
+    assert entry["summary"]["general_score"] == entry["tasks"]["quiz"]["score"]
+    assert entry["summary"]["excluded_from_mean"] == ["text"]
+
+
+def test_eval_repeat_served_from_cache(tiny_model_dir, tmp_path, monkeypatch):
+    tasks = write_tasks(tmp_path / "tasks")
+    args = ["--model", str(tiny_model_dir), "--general", "quiz,sums", "--task-file", str(tasks["quiz"]),
+            "--task-file", str(tasks["sums"]), "--quiet", "--json"]
+    first = json.loads(run_eval(*args).stdout)
+    assert first["results"][0]["weights_loaded"] is True
+    assert [r["cached"] for r in first["results"][0]["tasks"].values()] == [False, False]
+
+    def fail_on_load(*args, **kwargs):
+        raise AssertionError("load_model called although every score is cached")
+
+    monkeypatch.setattr("llmforge.models.load_model", fail_on_load)
+    second = run_eval(*args)
+    assert second.exit_code == 0, second.output
+    repeated = json.loads(second.stdout)["results"][0]
+    assert repeated["weights_loaded"] is False
+    assert [r["cached"] for r in repeated["tasks"].values()] == [True, True]
+    for name in ("quiz", "sums"):
+        assert repeated["tasks"][name]["score"] == first["results"][0]["tasks"][name]["score"]
+
+
+def test_eval_no_cache_recomputes(tiny_model_dir, tmp_path):
+    tasks = write_tasks(tmp_path / "tasks")
+    args = ["--model", str(tiny_model_dir), "--general", "quiz", "--task-file", str(tasks["quiz"]), "--quiet", "--json"]
+    run_eval(*args)
+    report = json.loads(run_eval(*args, "--no-cache").stdout)
+    assert report["results"][0]["tasks"]["quiz"]["cached"] is False
+    assert report["inputs"]["cache"] is False
+
+
+@pytest.fixture(scope="module")
+def perturbed_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A copy of the tiny model with noise added to every weight, so that its scores differ."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    out = tmp_path_factory.mktemp("tiny-perturbed")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_baseline_deltas_equal_difference(tiny_model_dir, perturbed_model_dir, tmp_path):
+    tasks = write_tasks(tmp_path / "tasks")
+    report = evaluate([str(perturbed_model_dir)], target=["text"], general=["quiz"], baseline=str(tiny_model_dir),
+                      task_files=[tasks["quiz"], tasks["text"]], dtype="float32")
+
+    by_reference = {entry["reference"]: entry for entry in report["results"]}
+    model, base = by_reference[str(perturbed_model_dir)], by_reference[str(tiny_model_dir)]
+    assert base["is_baseline"] is True
+    assert report["inputs"]["baseline"]["digest"] == base["digest"]
+    assert model["digest"] != base["digest"]
+    for name in ("quiz", "text"):
+        assert model["tasks"][name]["delta"] == pytest.approx(model["tasks"][name]["score"] - base["tasks"][name]["score"])
+    assert model["tasks"]["text"]["delta"] != 0
+    assert model["summary"]["general_delta"] == pytest.approx(
+        model["summary"]["general_score"] - base["summary"]["general_score"])
+    assert "delta" not in base["tasks"]["quiz"]
+
+
+def test_builtin_demo_tasks_run(tiny_model_dir):
+    report = evaluate([str(tiny_model_dir)], target=["arith"], general=["facts"], limit=3, dtype="float32")
+    entry = report["results"][0]
+    assert entry["tasks"]["arith"]["n"] == 3
+    assert entry["tasks"]["facts"]["n"] == 3
+    assert entry["tasks"]["facts"]["metric"] == "acc"
+
+
+def test_list_tasks_json():
+    result = run_eval("--list-tasks", "--json")
+    assert result.exit_code == 0, result.output
+    names = {task["name"] for task in json.loads(result.stdout)["tasks"]}
+    assert {"arith", "facts", "gsm8k", "sst2", "arc_easy", "arc_challenge", "boolq", "wikitext2"} <= names
+
+
+def test_facts_data_shape():
+    from llmforge_eval.tasks import read_task_records
+
+    path = Path(__file__).resolve().parents[1] / "plugins" / "llmforge_eval" / "data" / "facts.jsonl"
+    records = read_task_records(path)
+    assert 60 <= len(records) <= 80
+    for record in records:
+        assert len(record["choices"]) == 4
+        assert len(set(record["choices"])) == 4
+        assert record["answer"] in range(4)
+    assert len({record["question"] for record in records}) == len(records)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"colour": "red"}, "Unknown field 'colour'"),
+        ({"kind": "ranking"}, "Invalid kind 'ranking'"),
+        ({"data": "missing.jsonl"}, "Data file not found"),
+        ({"extract": "regex:("}, "Invalid regular expression"),
+        ({"max_new_tokens": "many"}, "Invalid value 'many' for field 'max_new_tokens'"),
+    ],
+)
+def test_invalid_spec_exits_1(tiny_model_dir, tmp_path, change, message):
+    tasks = write_tasks(tmp_path / "tasks")
+    spec = {**json.loads(tasks["sums"].read_text()), **change}
+    bad = tmp_path / "tasks" / "bad.json"
+    bad.write_text(json.dumps(spec))
+    output = tmp_path / "report.json"
+
+    result = run_eval("--model", str(tiny_model_dir), "--general", "sums", "--task-file", str(bad), "-o", str(output))
+    assert result.exit_code == 1
+    assert message in result.stderr
+    assert str(bad) in result.stderr or "missing.jsonl" in result.stderr
+    assert not output.exists()
+
+
+def test_missing_data_dir_exits_1(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("FORGE_DATA_DIR", raising=False)
+    result = run_eval("--model", str(tiny_model_dir), "--general", "gsm8k")
+    assert result.exit_code == 1
+    assert "--data-dir" in result.stderr
+
+
+def test_unknown_task_exits_1(tiny_model_dir):
+    result = run_eval("--model", str(tiny_model_dir), "--general", "nonesuch")
+    assert result.exit_code == 1
+    assert "Unknown task 'nonesuch'" in result.stderr
+
+
+def test_task_digest_ignores_data_location(tmp_path):
+    first, second = tmp_path / "a" / "data.txt", tmp_path / "b" / "data.txt"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_text("same bytes")
+    spec_a = parse_spec({"name": "t", "kind": "perplexity", "data": str(first)})
+    spec_b = parse_spec({"name": "t", "kind": "perplexity", "data": str(second)})
+    assert task_digest(spec_a, first) == task_digest(spec_b, second)
+    second.write_text("other bytes")
+    assert task_digest(spec_a, first) != task_digest(spec_b, second)
+
+
+def test_installed_script_table_and_json(tiny_model_dir, tmp_path, forge_env):
+    tasks = write_tasks(tmp_path / "tasks")
+    base = [str(FORGE), "eval", "--model", str(tiny_model_dir), "--general", "quiz", "--task-file", str(tasks["quiz"])]
+    table = subprocess.run([*base, "--quiet"], capture_output=True, text=True, env=forge_env, timeout=300)
+    assert table.returncode == 0, table.stderr
+    assert "quiz" in table.stdout
+    assert table.stderr == ""
+
+    as_json = subprocess.run([*base, "--json"], capture_output=True, text=True, env=forge_env, timeout=300)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["results"][0]["tasks"]["quiz"]["cached"] is True
+
+    missing = subprocess.run([*base[:-2], "--task-file", str(tmp_path / "nope.yaml")], capture_output=True,
+                             text=True, env={**forge_env, "PATH": os.environ.get("PATH", "")}, timeout=300)
+    assert missing.returncode == 1
+    assert "Task file not found" in missing.stderr
+
+
+def test_adapter_model_scores_all_kinds(tiny_model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(adapter_dir)
+    tasks = write_tasks(tmp_path / "tasks")
+
+    report = evaluate([str(adapter_dir)], target=["sums"], general=["quiz", "text"], baseline=str(tiny_model_dir),
+                      task_files=list(tasks.values()), dtype="float32")
+    entry = next(entry for entry in report["results"] if entry["reference"] == str(adapter_dir))
+    assert entry["base_reference"] == str(tiny_model_dir)
+    assert entry["base_digest"] == report["inputs"]["baseline"]["digest"]
+    assert set(entry["tasks"]) == {"sums", "quiz", "text"}
+    assert entry["tasks"]["text"]["delta"] != 0

@@ -1,0 +1,195 @@
+"""forge eval scorers checked against slow one-example-at-a-time references on the tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from llmforge_eval.generation import answers_match, extract_answer, generate_greedy, truncate_at_stop
+from llmforge_eval.multiple_choice import continuation_loglikelihoods
+from llmforge_eval.perplexity import rolling_windows, score_perplexity
+from llmforge_eval.tasks import parse_spec
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from llmforge.models import load_model
+
+    return load_model(str(tiny_model_dir), dtype="float32")
+
+
+def reference_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """Log-likelihood of one continuation from a single unpadded forward pass."""
+    import torch
+
+    context_ids = tokenizer(context)["input_ids"]
+    continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.inference_mode():
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    total = 0.0
+    for offset, token in enumerate(continuation_ids):
+        position = len(context_ids) + offset
+        total += log_probs[position - 1, token].item()
+    return total
+
+
+def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy decoding one token at a time with a full forward pass per step (no cache, no padding)."""
+    import torch
+
+    ids = tokenizer(prompt)["input_ids"]
+    new_tokens = []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=torch.tensor([ids + new_tokens])).logits[0, -1]
+            token = int(logits.argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new_tokens.append(token)
+    return tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+
+PAIRS = [
+    ("Question: What is the capital of France?\nAnswer:", " Paris"),
+    ("Question: What is the capital of France?\nAnswer:", " the city of Berlin in Germany"),
+    ("A much longer context that goes on for a while, so that padding matters in the batch.", " yes"),
+    ("Short", " no"),
+    ("Review: a charming and often affecting journey\nSentiment:", " positive"),
+]
+
+
+def test_loglikelihoods_match_reference(tiny):
+    batched = continuation_loglikelihoods(tiny.model, tiny.tokenizer, PAIRS, batch_size=3)
+    for (context, continuation), value in zip(PAIRS, batched):
+        expected = reference_loglikelihood(tiny.model, tiny.tokenizer, context, continuation)
+        assert value == pytest.approx(expected, abs=1e-4, rel=1e-5)
+
+
+def test_loglikelihoods_independent_of_batch_size(tiny):
+    singles = continuation_loglikelihoods(tiny.model, tiny.tokenizer, PAIRS, batch_size=1)
+    batched = continuation_loglikelihoods(tiny.model, tiny.tokenizer, PAIRS, batch_size=5)
+    assert singles == pytest.approx(batched, abs=1e-4)
+
+
+PROMPTS = [
+    "Question: 2 + 2 =\nAnswer:",
+    "Question: A farmer has 17 sheep and buys 5 more. How many sheep are there now?\nAnswer:",
+    "Hello",
+    "The quick brown fox jumps over the lazy dog, and then",
+]
+
+
+def test_batched_generation_matches_one_by_one(tiny):
+    batched = generate_greedy(tiny.model, tiny.tokenizer, PROMPTS, max_new_tokens=8, stop=[], batch_size=4)
+    for prompt, text in zip(PROMPTS, batched):
+        assert text == reference_greedy(tiny.model, tiny.tokenizer, prompt, 8)
+
+
+def test_generation_cut_at_stop_sequence(tiny):
+    unstopped = generate_greedy(tiny.model, tiny.tokenizer, PROMPTS, max_new_tokens=8, stop=[], batch_size=4)
+    stop = [unstopped[1][2:4]] if len(unstopped[1]) >= 4 else ["\n"]
+    stopped = generate_greedy(tiny.model, tiny.tokenizer, PROMPTS, max_new_tokens=8, stop=stop, batch_size=4)
+    for full, cut in zip(unstopped, stopped):
+        assert cut == truncate_at_stop(full, stop)
+        assert stop[0] not in cut
+
+
+def test_rolling_windows_score_each_token_once():
+    for total, max_length, stride in [(10, 4, 2), (100, 16, 16), (17, 8, 3), (5, 16, 8), (2, 4, 1)]:
+        windows = rolling_windows(total, max_length, stride)
+        scored_positions = []
+        for begin, end, scored in windows:
+            assert end - begin <= max_length
+            assert 0 < scored <= end - begin - (1 if begin == 0 else 0)
+            scored_positions.extend(range(end - scored, end))
+        assert scored_positions == list(range(1, total))
+
+
+def _perplexity_spec(tmp_path, max_length: int, stride: int):
+    path = tmp_path / "text.txt"
+    path.write_text("The cat sat on the mat.\r\nIt was a sunny day, and the birds sang in the trees. " * 3)
+    spec = parse_spec({"name": "ppl", "kind": "perplexity", "data": str(path), "max_length": max_length,
+                       "stride": stride})
+    return spec, path
+
+
+def test_perplexity_single_window_equals_direct(tiny, tmp_path):
+    import torch
+
+    spec, path = _perplexity_spec(tmp_path, max_length=256, stride=256)
+    result = score_perplexity(tiny.model, tiny.tokenizer, spec, path, batch_size=4, limit=None)
+
+    text = path.read_text().replace("\r\n", "\n")
+    ids = torch.tensor([tiny.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        loss = torch.nn.functional.cross_entropy(tiny.model(input_ids=ids).logits[0, :-1].float(), ids[0, 1:])
+    assert result["score"] == pytest.approx(math.exp(loss.item()), rel=1e-4)
+    assert result["metrics"]["tokens"] == ids.shape[1] - 1
+    assert result["stderr"] is None
+
+
+def test_perplexity_rolling_equals_per_window_loop(tiny, tmp_path):
+    import torch
+
+    spec, path = _perplexity_spec(tmp_path, max_length=16, stride=8)
+    result = score_perplexity(tiny.model, tiny.tokenizer, spec, path, batch_size=3, limit=None)
+
+    text = path.read_text().replace("\r\n", "\n")
+    ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for begin, end, scored in rolling_windows(len(ids), 16, 8):
+            window = torch.tensor([ids[begin:end]])
+            losses = torch.nn.functional.cross_entropy(tiny.model(input_ids=window).logits[0, :-1], window[0, 1:],
+                                                       reduction="none")
+            total += losses[-scored:].sum().item()
+            count += scored
+    assert result["metrics"]["tokens"] == count
+    assert result["score"] == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert result["stderr"] > 0
+    assert result["metrics"]["bits_per_byte"] > 0
+
+
+def test_perplexity_limit_caps_windows(tiny, tmp_path):
+    spec, path = _perplexity_spec(tmp_path, max_length=16, stride=8)
+    result = score_perplexity(tiny.model, tiny.tokenizer, spec, path, batch_size=3, limit=2)
+    assert result["n"] == 2
+    assert result["metrics"]["tokens"] == 15 + 8
+
+
+@pytest.mark.parametrize(
+    ("text", "extractor", "expected"),
+    [
+        (" The answer is 1,234.", "last_number", "1234"),
+        (" -3.5 apples and 7 pears", "last_number", "7"),
+        (" x = -12", "last_number", "-12"),
+        (" costs .5 dollars", "last_number", ".5"),
+        (" no digits here", "last_number", ""),
+        ("Step one\n#### 42", "regex:####\\s*(\\S+)", "42"),
+        ("answer: B", "regex:[A-D]$", "B"),
+        ("nothing", "regex:(\\d+)", ""),
+        ("\n\n first line \nsecond", "first_line", "first line"),
+        ("  padded  ", "none", "padded"),
+    ],
+)
+def test_extract_answer_cases(text, extractor, expected):
+    assert extract_answer(text, extractor) == expected
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "metric", "expected"),
+    [
+        ("15", "15", "numeric_match", True),
+        ("15.0", "15", "numeric_match", True),
+        ("1000", "1,000", "numeric_match", True),
+        ("$18", "18", "numeric_match", True),
+        ("14", "15", "numeric_match", False),
+        ("", "15", "numeric_match", False),
+        ("Paris", "Paris", "exact_match", True),
+        ("paris", "Paris", "exact_match", False),
+    ],
+)
+def test_answers_match_cases(prediction, reference, metric, expected):
+    assert answers_match(prediction, reference, metric) is expected
