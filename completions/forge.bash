@@ -8,7 +8,7 @@ _forge_command() {
     _forge_subcommands=() _forge_options=() _forge_arguments=() _forge_variadic=0
     case "$1" in
         'forge')
-            _forge_subcommands=(cache completion eval models plugins)
+            _forge_subcommands=(cache completion eval finetune models plugins)
             _forge_options=(--debug --help --version -h)
             ;;
         'forge cache')
@@ -41,6 +41,9 @@ _forge_command() {
         'forge eval')
             _forge_options=(--baseline --batch-size --data-dir --dtype --general --help --json --limit --list-tasks --model --no-cache --output --quiet --seed --target --task-file -h -o)
             ;;
+        'forge finetune')
+            _forge_options=(--alpha --batch-size --bf16 --column --completion-template --data --dropout --epochs --format --grad-accum --help --json --limit --lr --max-grad-norm --max-length --method --model --no-bf16 --output --overwrite --prompt-template --quiet --rank --schedule --seed --steps --target-modules --threads --warmup-steps -h -o)
+            ;;
         'forge models')
             _forge_options=(--help --json -h)
             ;;
@@ -67,6 +70,30 @@ _forge_option_nargs() {
         'forge eval|--seed') _forge_nargs=1 ;;
         'forge eval|--target') _forge_nargs=1 ;;
         'forge eval|--task-file') _forge_nargs=1 ;;
+        'forge finetune|--alpha') _forge_nargs=1 ;;
+        'forge finetune|--batch-size') _forge_nargs=1 ;;
+        'forge finetune|--column') _forge_nargs=1 ;;
+        'forge finetune|--completion-template') _forge_nargs=1 ;;
+        'forge finetune|--data') _forge_nargs=1 ;;
+        'forge finetune|--dropout') _forge_nargs=1 ;;
+        'forge finetune|--epochs') _forge_nargs=1 ;;
+        'forge finetune|--format') _forge_nargs=1 ;;
+        'forge finetune|--grad-accum') _forge_nargs=1 ;;
+        'forge finetune|--limit') _forge_nargs=1 ;;
+        'forge finetune|--lr') _forge_nargs=1 ;;
+        'forge finetune|--max-grad-norm') _forge_nargs=1 ;;
+        'forge finetune|--max-length') _forge_nargs=1 ;;
+        'forge finetune|--method') _forge_nargs=1 ;;
+        'forge finetune|--model') _forge_nargs=1 ;;
+        'forge finetune|--output'|'forge finetune|-o') _forge_nargs=1 ;;
+        'forge finetune|--prompt-template') _forge_nargs=1 ;;
+        'forge finetune|--rank') _forge_nargs=1 ;;
+        'forge finetune|--schedule') _forge_nargs=1 ;;
+        'forge finetune|--seed') _forge_nargs=1 ;;
+        'forge finetune|--steps') _forge_nargs=1 ;;
+        'forge finetune|--target-modules') _forge_nargs=1 ;;
+        'forge finetune|--threads') _forge_nargs=1 ;;
+        'forge finetune|--warmup-steps') _forge_nargs=1 ;;
         *) _forge_nargs=0 ;;
     esac
 }
@@ -79,6 +106,11 @@ _forge_value() {
         'forge eval|--dtype') _forge_words bfloat16 float32 ;;
         'forge eval|--output'|'forge eval|-o') _forge_files ;;
         'forge eval|--task-file') _forge_files ;;
+        'forge finetune|--format') _forge_words auto chat instruction prompt-completion text ;;
+        'forge finetune|--method') _forge_words lora ;;
+        'forge finetune|--model') _forge_words gemma3-270m smollm2-135m; _forge_files ;;
+        'forge finetune|--output'|'forge finetune|-o') _forge_files ;;
+        'forge finetune|--schedule') _forge_words constant cosine ;;
     esac
 }
 

@@ -6,7 +6,7 @@
 function __forge_subcommands
     switch $argv[1]
         case ''
-            printf '%s\n' cache completion eval models plugins
+            printf '%s\n' cache completion eval finetune models plugins
         case 'cache'
             printf '%s\n' gc info ls rm verify
     end
@@ -43,6 +43,54 @@ function __forge_option_nargs
             echo 1
         case 'eval|--task-file'
             echo 1
+        case 'finetune|--alpha'
+            echo 1
+        case 'finetune|--batch-size'
+            echo 1
+        case 'finetune|--column'
+            echo 1
+        case 'finetune|--completion-template'
+            echo 1
+        case 'finetune|--data'
+            echo 1
+        case 'finetune|--dropout'
+            echo 1
+        case 'finetune|--epochs'
+            echo 1
+        case 'finetune|--format'
+            echo 1
+        case 'finetune|--grad-accum'
+            echo 1
+        case 'finetune|--limit'
+            echo 1
+        case 'finetune|--lr'
+            echo 1
+        case 'finetune|--max-grad-norm'
+            echo 1
+        case 'finetune|--max-length'
+            echo 1
+        case 'finetune|--method'
+            echo 1
+        case 'finetune|--model'
+            echo 1
+        case 'finetune|--output' 'finetune|-o'
+            echo 1
+        case 'finetune|--prompt-template'
+            echo 1
+        case 'finetune|--rank'
+            echo 1
+        case 'finetune|--schedule'
+            echo 1
+        case 'finetune|--seed'
+            echo 1
+        case 'finetune|--steps'
+            echo 1
+        case 'finetune|--target-modules'
+            echo 1
+        case 'finetune|--threads'
+            echo 1
+        case 'finetune|--warmup-steps'
+            echo 1
         case '*'
             echo 0
     end
@@ -76,6 +124,7 @@ complete -c forge -f
 complete -c forge -n '__forge_at' -a 'cache' -d 'Manage the shared tensor cache ($FORGE_CACHE, else ~/.cache/llmforge on Linux)'
 complete -c forge -n '__forge_at' -a 'completion' -d 'Print the completion script for SHELL, built from the commands loaded now'
 complete -c forge -n '__forge_at' -a 'eval' -d 'Evaluate models on target and general tasks and report scores, standard...'
+complete -c forge -n '__forge_at' -a 'finetune' -d 'Fine-tune a model with LoRA on a data file and write a PEFT adapter directory'
 complete -c forge -n '__forge_at' -a 'models' -d 'List the built-in models, whether their package is installed, and whether a...'
 complete -c forge -n '__forge_at' -a 'plugins' -d 'List the loaded plugins with their versions and hooks, and the plugins that...'
 complete -c forge -n '__forge_at' -l debug -d 'Show the full traceback of an error'
@@ -137,6 +186,37 @@ complete -c forge -n '__forge_at eval' -l quiet -d 'No progress bars or log line
 complete -c forge -n '__forge_at eval' -l seed -x -d 'Seed that draws the --limit sample'
 complete -c forge -n '__forge_at eval' -l target -x -d 'Target tasks (plasticity)'
 complete -c forge -n '__forge_at eval' -l task-file -r -F -d 'YAML or JSON task spec to add; repeatable'
+
+# forge finetune
+complete -c forge -n '__forge_at finetune' -l alpha -x -d 'LoRA alpha; the update is scaled by alpha/r'
+complete -c forge -n '__forge_at finetune' -l batch-size -x -d 'Examples per micro-batch'
+complete -c forge -n '__forge_at finetune' -l bf16 -l no-bf16 -d 'Run the frozen base and LoRA factors in bf16 with fp32 master weights...'
+complete -c forge -n '__forge_at finetune' -l column -x -d 'Read the format\'s FIELD from the record field NAME, e.g'
+complete -c forge -n '__forge_at finetune' -l completion-template -x -d 'Completion built from record fields, e.g'
+complete -c forge -n '__forge_at finetune' -l data -x -d 'Training data: a .jsonl/.json/.csv/.tsv/.txt file, or demo:NAME'
+complete -c forge -n '__forge_at finetune' -l dropout -x -d 'Dropout on the LoRA input'
+complete -c forge -n '__forge_at finetune' -l epochs -x -d 'Number of passes over the data; exclusive with --steps'
+complete -c forge -n '__forge_at finetune' -l format -x -a 'auto chat instruction prompt-completion text' -d 'Record format; auto detects it from the field names'
+complete -c forge -n '__forge_at finetune' -l grad-accum -x -d 'Micro-batches per optimizer step'
+complete -c forge -n '__forge_at finetune' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at finetune' -l json -d 'Print the run summary as one JSON document on stdout'
+complete -c forge -n '__forge_at finetune' -l limit -x -d 'Use only the first N records of the data file'
+complete -c forge -n '__forge_at finetune' -l lr -x -d 'Peak learning rate of AdamW'
+complete -c forge -n '__forge_at finetune' -l max-grad-norm -x -d 'Gradient clipping threshold (L2 norm)'
+complete -c forge -n '__forge_at finetune' -l max-length -x -d 'Maximum tokens per example; longer examples are truncated and counted'
+complete -c forge -n '__forge_at finetune' -l method -x -a 'lora' -d 'PEFT method (only LoRA so far)'
+complete -c forge -n '__forge_at finetune' -l model -r -F -a 'gemma3-270m smollm2-135m' -d 'Base model reference: a built-in name, HF directory or .gguf file'
+complete -c forge -n '__forge_at finetune' -l output -s o -r -F -d 'Adapter directory to write (PEFT layout plus forge_run.json)'
+complete -c forge -n '__forge_at finetune' -l overwrite -d 'Replace an existing output directory'
+complete -c forge -n '__forge_at finetune' -l prompt-template -x -d 'Prompt built from record fields, e.g'
+complete -c forge -n '__forge_at finetune' -l quiet -d 'No progress bar and no summary on stderr'
+complete -c forge -n '__forge_at finetune' -l rank -x -d 'LoRA rank r'
+complete -c forge -n '__forge_at finetune' -l schedule -x -a 'constant cosine' -d 'Learning-rate schedule after warmup'
+complete -c forge -n '__forge_at finetune' -l seed -x -d 'Seed for the LoRA init, data order and dropout'
+complete -c forge -n '__forge_at finetune' -l steps -x -d 'Number of optimizer steps (default: one epoch)'
+complete -c forge -n '__forge_at finetune' -l target-modules -x -d 'Linear modules to adapt: all-linear, or comma-separated names such as...'
+complete -c forge -n '__forge_at finetune' -l threads -x -d 'CPU threads for torch (default: torch\'s choice, one per core)'
+complete -c forge -n '__forge_at finetune' -l warmup-steps -x -d 'Linear warmup length in steps (default: 5% of the run, at most 100)'
 
 # forge models
 complete -c forge -n '__forge_at models' -l help -s h -d 'Show this message and exit'

@@ -93,7 +93,7 @@ def read_records(path: str | Path, *, fmt: str | None = None) -> Records:
     or txt (one record {"text": ...} per paragraph, paragraphs separated by blank lines); by
     default it comes from the file suffix. The file must be UTF-8 (a byte-order mark is
     allowed). Raises ForgeError "FILE:LINE: reason" on a malformed line and ForgeError when
-    the file holds no records.
+    the file contains no records.
     """
     path = Path(path)
     fmt = fmt or _format_from_suffix(path)
@@ -137,7 +137,8 @@ def _read_text(path: Path) -> str:
 
 def _parse_jsonl(text: str, source: str) -> Records:
     records = Records(source=source)
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines also splits on U+0085 and U+2028, which JSON strings may hold.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
 
@@ -212,7 +213,8 @@ def _parse_txt(text: str, source: str) -> Records:
     records = Records(source=source)
     paragraph: list[str] = []
     start = 0
-    for number, line in enumerate(text.splitlines() + [""], start=1):
+    for number, line in enumerate(text.split("\n") + [""], start=1):
+        line = line.rstrip("\r")
         if line.strip():
             if not paragraph:
                 start = number
@@ -241,11 +243,14 @@ def to_examples(records: Sequence[Mapping[str, Any]], tokenizer=None, *, fmt: st
                 completion_template: str | None = None) -> list[Example]:
     """Turn records into prompt/completion pairs.
 
-    Formats: "text" (field text, no prompt), "prompt-completion" (fields prompt, completion),
-    "instruction" (instruction, optional input, output, in the plain template
-    INSTRUCTION_TEMPLATE), "chat" (messages, rendered with the tokenizer's chat template: the
-    prompt is everything before the last assistant turn plus the generation prompt, the
-    completion is that turn's content and end-of-turn marker). "auto" picks the format from the
+    Formats:
+    - "text": field text, no prompt, so the loss covers every token;
+    - "prompt-completion": fields prompt and completion;
+    - "instruction": fields instruction, optional input, and output, laid out by the plain
+      template INSTRUCTION_TEMPLATE (or INSTRUCTION_INPUT_TEMPLATE when input is present);
+    - "chat": field messages, rendered with the tokenizer's chat template. The prompt is
+      everything before the last assistant turn plus the generation prompt, and the completion
+      is that turn's content with its end-of-turn marker. "auto" picks the format from the
     first record's fields, and also maps {question, answer} records onto QA_PROMPT_TEMPLATE.
     `columns` maps a format's field onto another record field ({"prompt": "question"}).
     Templates such as "Question: {question}\\nAnswer:" fill from the record's fields and take

@@ -1,0 +1,274 @@
+"""The training loop: AdamW, warmup with a cosine or constant schedule, gradient clipping and accumulation.
+
+Callable from Python without the command line:
+
+    result = train(peft_model, tokenized_examples, TrainSettings(steps=100), pad_token_id=0)
+
+Precision, measured on the 2-core AVX-512 development CPU with SmolLM2-135M, LoRA r=8 on all
+linear layers and batches of 8 demo examples (about 265 tokens), forward + backward + step:
+  bf16 base, bf16 LoRA factors, fp32 master copy (`precision="bf16"`): ~1.0 s, ~260 tokens/s;
+  fp32 throughout (`precision="fp32"`): ~1.4 s, ~190 tokens/s;
+  torch.autocast(bfloat16) on the fp32 model (`precision="autocast"`): ~1.7 s, ~155 tokens/s.
+bf16 with masters is the default: over 15 steps its loss went 2.91 -> 1.33, fp32 2.91 -> 1.29. These
+numbers are estimates from short runs on a machine shared with other jobs.
+NOTE: when another process keeps both cores busy, two OpenMP threads per process can run 10-20x
+slower than usual (spin-waiting at barriers). `forge finetune --threads 1` avoids that.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from llmforge.data import IGNORE_INDEX, TokenizedExample, make_batches
+from llmforge.errors import ForgeError
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("bf16", "fp32", "autocast")
+
+
+@dataclass
+class TrainSettings:
+    """Optimizer and schedule settings. Exactly one of `steps` and `epochs` sets the run length."""
+
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup_steps: int | None = None
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    precision: str = "bf16"
+
+    def validate(self) -> None:
+        """Raise ForgeError on a value that cannot train."""
+        checks = [
+            (self.steps is not None and self.epochs is not None, "pass either --steps or --epochs, not both"),
+            (self.steps is not None and self.steps <= 0, f"invalid --steps {self.steps}; it must be positive"),
+            (self.epochs is not None and not self.epochs > 0, f"invalid --epochs {self.epochs}; it must be positive"),
+            (self.batch_size <= 0, f"invalid --batch-size {self.batch_size}; it must be positive"),
+            (self.grad_accum <= 0, f"invalid --grad-accum {self.grad_accum}; it must be positive"),
+            (not (self.lr > 0 and math.isfinite(self.lr)), f"invalid --lr {self.lr}; it must be a positive number"),
+            (self.warmup_steps is not None and self.warmup_steps < 0,
+             f"invalid --warmup-steps {self.warmup_steps}; it must be zero or positive"),
+            (self.schedule not in SCHEDULES, f"invalid --schedule {self.schedule!r}; use one of {SCHEDULES}"),
+            (not self.max_grad_norm > 0, f"invalid --max-grad-norm {self.max_grad_norm}; it must be positive"),
+            (self.weight_decay < 0, f"invalid weight decay {self.weight_decay}; it must be zero or positive"),
+            (self.precision not in PRECISIONS, f"invalid precision {self.precision!r}; use one of {PRECISIONS}"),
+        ]
+        for failed, message in checks:
+            if failed:
+                raise ForgeError(message)
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Return the number of optimizer steps of the run."""
+        if self.steps is not None:
+            return self.steps
+        epochs = self.epochs if self.epochs is not None else 1.0
+        return max(1, math.ceil(epochs * batches_per_epoch / self.grad_accum))
+
+    def warmup(self, total: int) -> int:
+        """Return the warmup length: the given one, or else 5% of the run (at most 100 steps)."""
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, total)
+        return min(100, total // 20)
+
+
+@dataclass
+class TrainResult:
+    """Outcome of a training run: per-step loss, token counts and time."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    loss_curve: list[float] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Training throughput over all tokens of the batches, padding excluded."""
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def final_loss(self) -> float | None:
+        """Mean loss of the last 10 steps, or None before the first step."""
+        tail = self.loss_curve[-10:]
+        return sum(tail) / len(tail) if tail else None
+
+
+def learning_rate(step: int, *, base: float, warmup: int, total: int, schedule: str) -> float:
+    """Return the learning rate of optimizer step `step` (0-based): linear warmup, then cosine to 0 or constant."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def completion_loss(model, batch):
+    """Return the mean cross-entropy over the labelled tokens of a batch.
+
+    Logits are computed only at the positions that have a label: the decoder runs once, and the
+    output embedding (49k x 576 for SmolLM2, the largest matmul per token) is applied to the
+    selected hidden states only. For prompt-heavy data such as the demo this removes most of
+    the output-layer cost. Models without a separate decoder fall back to the full forward.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch.labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    head = base.get_output_embeddings()
+
+    if decoder is None or head is None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        return F.cross_entropy(logits[mask].float(), labels[mask])
+
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    logits = head(hidden[:, :-1][mask]).float()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, labels[mask])
+
+
+class MasterWeights:
+    """fp32 copies of low-precision trainable parameters, which the optimizer updates.
+
+    bf16 has an 8-bit mantissa, so small updates such as lr * grad ~ 1e-6 vanish when added to
+    bf16 weights directly. The optimizer steps the fp32 copies, and the model gets them back
+    rounded to bf16 after each step.
+    """
+
+    def __init__(self, parameters: Sequence):
+        import torch
+
+        self.model_params = list(parameters)
+        self.masters = [p.detach().to(torch.float32).clone().requires_grad_(True) for p in self.model_params]
+
+    def copy_grads_to_masters(self) -> None:
+        for param, master in zip(self.model_params, self.masters):
+            master.grad = None if param.grad is None else param.grad.to(master.dtype)
+
+    def promote_model_to_fp32(self) -> None:
+        """Replace the model's low-precision trainable parameters by their fp32 masters (for saving)."""
+        for param, master in zip(self.model_params, self.masters):
+            param.data = master.detach()
+
+    def copy_masters_to_model(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for param, master in zip(self.model_params, self.masters):
+                param.copy_(master)
+                param.grad = None
+
+
+def train(model, examples: Sequence[TokenizedExample], settings: TrainSettings, *, pad_token_id: int,
+          progress: bool = True) -> TrainResult:
+    """Train the trainable parameters of `model` on `examples` and return the loss curve and counts.
+
+    Raises ForgeError when the loss becomes NaN or infinite (the usual cause is a too high --lr).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    settings.validate()
+    torch.manual_seed(settings.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ForgeError("the model has no trainable parameters")
+    low_precision = trainable[0].dtype != torch.float32
+    masters = MasterWeights(trainable) if low_precision else None
+    optimizer = torch.optim.AdamW(masters.masters if masters else trainable, lr=settings.lr,
+                                  weight_decay=settings.weight_decay)
+
+    batches_per_epoch = math.ceil(len(examples) / settings.batch_size)
+    total = settings.total_steps(batches_per_epoch)
+    warmup = settings.warmup(total)
+    batches = _batch_stream(examples, settings, pad_token_id)
+
+    model.train()
+    result = TrainResult(steps=0, tokens=0, seconds=0.0, settings=asdict(settings))
+    bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    for step in range(total):
+        loss, tokens = _accumulate(model, batches, settings)
+        if not math.isfinite(loss):
+            bar.close()
+            raise ForgeError(f"the training loss became {loss} at step {step + 1}; lower --lr "
+                             f"(now {settings.lr}) or --max-grad-norm, or check the data")
+
+        lr = learning_rate(step, base=settings.lr, warmup=warmup, total=total, schedule=settings.schedule)
+        _optimizer_step(optimizer, masters, trainable, settings.max_grad_norm, lr)
+
+        result.steps += 1
+        result.tokens += tokens
+        result.loss_curve.append(round(loss, 5))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+    result.seconds = time.perf_counter() - start
+    bar.close()
+    if masters is not None:
+        masters.promote_model_to_fp32()
+    model.eval()
+    return result
+
+
+def _batch_stream(examples, settings: TrainSettings, pad_token_id: int):
+    """Yield batches forever, epoch after epoch, each epoch in a new seeded order."""
+    epoch = 0
+    while True:
+        yield from make_batches(examples, settings.batch_size, pad_token_id=pad_token_id,
+                                seed=settings.seed + epoch)
+        epoch += 1
+
+
+def _accumulate(model, batches, settings: TrainSettings) -> tuple[float, int]:
+    """Run forward and backward on grad_accum batches; return the mean loss and the token count."""
+    import torch
+
+    total_loss = 0.0
+    tokens = 0
+    for _ in range(settings.grad_accum):
+        batch = next(batches)
+        if settings.precision == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = completion_loss(model, batch)
+        else:
+            loss = completion_loss(model, batch)
+        (loss / settings.grad_accum).backward()
+        total_loss += loss.item() / settings.grad_accum
+        tokens += batch.tokens
+    return total_loss, tokens
+
+
+def _optimizer_step(optimizer, masters: MasterWeights | None, trainable, max_grad_norm: float, lr: float) -> None:
+    import torch
+
+    if masters is not None:
+        masters.copy_grads_to_masters()
+        parameters = masters.masters
+    else:
+        parameters = trainable
+
+    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    if masters is not None:
+        masters.copy_masters_to_model()
