@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 DEMO_STEPS ?= 300
+DEMO_LR ?= 1e-3
 export FORGE_CACHE ?= $(CURDIR)/.forge-cache
 
 .PHONY: demo test test-fast bench install completions clean
@@ -26,7 +27,7 @@ install: $(BIN)/forge
 demo: $(BIN)/forge
 	$(BIN)/forge finetune --model smollm2-135m --data demo:arith/train.jsonl \
 		--prompt-template 'Question: {question}\nAnswer:' --completion-template ' {answer}' \
-		--steps $(DEMO_STEPS) -o $(DEMO_OUT)/arith-lora --overwrite
+		--steps $(DEMO_STEPS) --lr $(DEMO_LR) -o $(DEMO_OUT)/arith-lora --overwrite
 	$(BIN)/forge eval --model smollm2-135m --model $(DEMO_OUT)/arith-lora --baseline smollm2-135m \
 		--target arith --general facts -o $(DEMO_OUT)/report.json
 
