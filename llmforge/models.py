@@ -158,11 +158,17 @@ def directory_model_digest(directory: Path, cache: Cache) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def adapter_digest(directory: Path, base_digest: str, cache: Cache) -> str:
-    """Return the digest of a PEFT adapter on a given base: base digest, adapter config and weights."""
+def adapter_digest(directory: Path, base_digest: str, cache: Cache | None) -> str:
+    """Return the digest of a PEFT adapter on a given base: base digest, adapter config and weights.
+
+    With a cache, the file digests are remembered there; pass None for a directory that is about
+    to move (a temporary output), so that no entry names its temporary path.
+    """
     digest = hashlib.sha256(f"base|{base_digest}\n".encode())
     for name in ("adapter_config.json", "adapter_model.safetensors"):
-        digest.update(f"{name}|{cached_file_digest(directory / name, cache)}\n".encode())
+        path = directory / name
+        file_hash = cached_file_digest(path, cache) if cache is not None else file_digest(path)
+        digest.update(f"{name}|{file_hash}\n".encode())
     return f"sha256:{digest.hexdigest()}"
 
 

@@ -157,6 +157,17 @@ def test_task_vector_in_cache_equals_lora_product(tiny_model_dir, qa_data, tmp_p
         assert (vector[f"{module}.weight"] - expected).abs().max() < 1e-6
     assert any(v.abs().max() > 0 for v in vector.values())
 
+    from llmforge.checkpoint import read_metadata
+    from llmforge.models import model_digest
+
+    blob = cache.blob_path(cache.lookup(CacheKey(key["kind"], key["inputs"], key["params"])))
+    metadata = read_metadata(blob)
+    assert metadata["format"] == "llmforge.task_vector"
+    assert metadata["base_digest"] == record["base_digest"]
+    assert metadata["tuned_digest"] == record["adapter_digest"] == model_digest(str(output))
+    temporary_paths = [r["params"]["path"] for _, r in cache.records() if r["kind"] == "file-digest"]
+    assert all(".tmp" not in path for path in temporary_paths)
+
 
 def test_overwrite_replaces_output(tiny_model_dir, qa_data, tmp_path):
     output = tmp_path / "adapter"

@@ -132,7 +132,13 @@ def run_finetune(request: FinetuneRequest, *, command: list[str] | None = None, 
 def _write_output(request: FinetuneRequest, peft_model, base_digest: str, fields: dict, command, cache) -> None:
     """Write the adapter and run record atomically and store the task vector in the cache."""
     from llmforge.cache import CacheKey
-    from llmforge.checkpoint import atomic_directory, run_record, write_json
+    from llmforge.checkpoint import (
+        TASK_VECTOR_FORMAT,
+        TASK_VECTOR_FORMAT_VERSION,
+        atomic_directory,
+        run_record,
+        write_json,
+    )
     from llmforge.models import adapter_digest
 
     from llmforge_finetune.lora import lora_task_vector
@@ -140,12 +146,11 @@ def _write_output(request: FinetuneRequest, peft_model, base_digest: str, fields
     peft_model.peft_config["default"].base_model_name_or_path = fields["base_reference"]
     with atomic_directory(request.output, overwrite=request.overwrite) as directory:
         peft_model.save_pretrained(str(directory))
-        # The files are renamed unchanged, so their digest here is the final one. The cache keeps
-        # a small file-digest entry for the temporary path, which `forge cache gc` can remove.
-        adapter = adapter_digest(directory, base_digest, cache)
+        # The files are renamed unchanged, so their digest here is the final one.
+        adapter = adapter_digest(directory, base_digest, None)
         key = CacheKey("task-vector", {"base": base_digest, "adapter": adapter}, {})
-        metadata = {"base_digest": base_digest, "adapter_digest": adapter, "method": "lora",
-                    "format": "llmforge.task_vector"}
+        metadata = {"format": TASK_VECTOR_FORMAT, "format_version": TASK_VECTOR_FORMAT_VERSION,
+                    "base_digest": base_digest, "tuned_digest": adapter, "method": "lora"}
         cache.get_or_compute(key, lambda: lora_task_vector(peft_model), metadata=metadata)
 
         record = run_record(command, **fields, adapter_digest=adapter,
