@@ -42,7 +42,7 @@ _forge_command() {
             _forge_options=(--baseline --batch-size --data-dir --dtype --general --help --json --limit --list-tasks --model --no-cache --output --quiet --seed --target --task-file -h -o)
             ;;
         'forge finetune')
-            _forge_options=(--alpha --batch-size --bf16 --column --completion-template --data --dropout --epochs --format --grad-accum --help --json --limit --lr --max-grad-norm --max-length --method --model --no-bf16 --output --overwrite --prompt-template --quiet --rank --schedule --seed --steps --target-modules --threads --warmup-steps -h -o)
+            _forge_options=(--alpha --batch-size --bf16 --block-size --budget --column --completion-template --data --dropout --dry-run --epochs --format --grad-accum --help --json --limit --list-methods --lr --max-grad-norm --max-length --method --model --no-bf16 --output --overwrite --prompt-template --quiet --rank --schedule --seed --steps --target-modules --threads --warmup-steps -h -o)
             ;;
         'forge models')
             _forge_options=(--help --json -h)
@@ -72,6 +72,8 @@ _forge_option_nargs() {
         'forge eval|--task-file') _forge_nargs=1 ;;
         'forge finetune|--alpha') _forge_nargs=1 ;;
         'forge finetune|--batch-size') _forge_nargs=1 ;;
+        'forge finetune|--block-size') _forge_nargs=1 ;;
+        'forge finetune|--budget') _forge_nargs=1 ;;
         'forge finetune|--column') _forge_nargs=1 ;;
         'forge finetune|--completion-template') _forge_nargs=1 ;;
         'forge finetune|--data') _forge_nargs=1 ;;
@@ -107,7 +109,7 @@ _forge_value() {
         'forge eval|--output'|'forge eval|-o') _forge_files ;;
         'forge eval|--task-file') _forge_files ;;
         'forge finetune|--format') _forge_words auto chat instruction prompt-completion text ;;
-        'forge finetune|--method') _forge_words lora ;;
+        'forge finetune|--method') _forge_words adalora boft dora full ia3 lora milora miss oft pissa rslora vera ;;
         'forge finetune|--model') _forge_words gemma3-270m smollm2-135m; _forge_files ;;
         'forge finetune|--output'|'forge finetune|-o') _forge_files ;;
         'forge finetune|--schedule') _forge_words constant cosine ;;

@@ -147,28 +147,33 @@ def cached_file_digest(path: Path, cache: Cache) -> str:
     return cache.get_or_compute_json(key, lambda: {"digest": file_digest(path)})["digest"]
 
 
-def directory_model_digest(directory: Path, cache: Cache) -> str:
-    """Return the digest of an HF model directory: its config and its safetensors weight files."""
+def _file_hash(path: Path, cache: Cache | None) -> str:
+    return cached_file_digest(path, cache) if cache is not None else file_digest(path)
+
+
+def directory_model_digest(directory: Path, cache: Cache | None) -> str:
+    """Return the digest of an HF model directory: its config and its safetensors weight files.
+
+    With a cache, the file digests are remembered there; pass None for a directory that is about
+    to move (a temporary output), so that no entry names its temporary path.
+    """
     digest = hashlib.sha256()
     weights = sorted(p.name for p in directory.glob("*.safetensors"))
     weights = weights or sorted(name for name in PICKLE_WEIGHT_FILES if (directory / name).is_file())
     names = ["config.json"] + weights
     for name in names:
-        digest.update(f"{name}|{cached_file_digest(directory / name, cache)}\n".encode())
+        digest.update(f"{name}|{_file_hash(directory / name, cache)}\n".encode())
     return f"sha256:{digest.hexdigest()}"
 
 
 def adapter_digest(directory: Path, base_digest: str, cache: Cache | None) -> str:
     """Return the digest of a PEFT adapter on a given base: base digest, adapter config and weights.
 
-    With a cache, the file digests are remembered there; pass None for a directory that is about
-    to move (a temporary output), so that no entry names its temporary path.
+    The cache argument works as in ``directory_model_digest``.
     """
     digest = hashlib.sha256(f"base|{base_digest}\n".encode())
     for name in ("adapter_config.json", "adapter_model.safetensors"):
-        path = directory / name
-        file_hash = cached_file_digest(path, cache) if cache is not None else file_digest(path)
-        digest.update(f"{name}|{file_hash}\n".encode())
+        digest.update(f"{name}|{_file_hash(directory / name, cache)}\n".encode())
     return f"sha256:{digest.hexdigest()}"
 
 

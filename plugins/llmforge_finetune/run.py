@@ -1,79 +1,159 @@
-"""One fine-tuning run end to end: load, train, and write the adapter, its run record and its task vector."""
+"""One fine-tuning run end to end: plan the method and its size, train, write the output, cache the task vector."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmforge.errors import ForgeError
 
-from llmforge_finetune.lora import LoraSettings
+from llmforge_finetune.methods import MethodSettings, MethodSpec, get_method
 from llmforge_finetune.train import TrainSettings
 
 logger = logging.getLogger(__name__)
 
-RUN_RECORD_NAME = "forge_run.json"
 RECORD_SCHEMA = "llmforge.finetune.run/1"
 
 
 @dataclass
 class FinetuneRequest:
-    """Everything a fine-tuning run needs; the `forge finetune` options map onto these fields."""
+    """Everything a fine-tuning run needs; the `forge finetune` options map onto these fields.
+
+    `data` and `output` may be None only for a dry run. `budget` makes the run choose the
+    method's size option whose trainable-parameter count is nearest to it.
+    """
 
     model: str
-    data: str
-    output: Path
+    data: str | None
+    output: Path | None
     fmt: str = "auto"
     columns: dict[str, str] = field(default_factory=dict)
     prompt_template: str | None = None
     completion_template: str | None = None
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    method: MethodSettings = field(default_factory=MethodSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    budget: int | None = None
     max_length: int = 256
     limit: int | None = None
     overwrite: bool = False
     progress: bool = True
+    dry_run: bool = False
 
-    def validate(self) -> None:
-        """Raise ForgeError on invalid settings before anything is loaded."""
-        self.lora.validate()
+    def validate(self) -> tuple[MethodSpec, dict[str, Any]]:
+        """Raise ForgeError on invalid settings before anything is loaded; return the method and its option values."""
+        spec = get_method(self.method.method)
+        values = spec.resolve(self.method)
+        if self.budget is not None and spec.size_option and getattr(self.method, spec.size_option) is not None:
+            flag = "--rank" if spec.size_option == "rank" else "--block-size"
+            raise ForgeError(f"pass either --budget or {flag} for --method {spec.name}, not both; "
+                             f"--budget chooses {flag}")
         self.train.validate()
         if self.max_length < 2:
             raise ForgeError(f"invalid --max-length {self.max_length}; it must be at least 2 tokens")
         if self.limit is not None and self.limit <= 0:
             raise ForgeError(f"invalid --limit {self.limit}; it must be a positive number of records")
+        if self.dry_run:
+            return spec, values
+        if self.data is None or self.output is None:
+            raise ForgeError("missing --data or --output; both are required unless --dry-run is given")
         if Path(self.output).exists() and not self.overwrite:
             raise ForgeError(f"output directory {self.output} already exists; choose another path or pass --overwrite")
+        return spec, values
 
 
 def stored_base_reference(reference: str) -> str:
-    """Return the base reference to store in the adapter: built-in names as given, paths made absolute."""
+    """Return the base reference to store in the output: built-in names as given, paths made absolute."""
     path = Path(reference).expanduser()
     if path.exists():
         return str(path.resolve())
     return reference
 
 
-def run_finetune(request: FinetuneRequest, *, command: list[str] | None = None, cache=None) -> dict[str, Any]:
-    """Fine-tune `request.model` with LoRA and write the adapter directory; return the run summary.
+def training_precision(spec: MethodSpec, settings: TrainSettings) -> TrainSettings:
+    """Return the settings with fp32 precision when the method cannot train with bf16 master weights."""
+    if settings.precision == "fp32" or spec.supports_bf16:
+        return settings
+    logger.warning("%s edits its parameters between steps, which bf16 master weights would undo; training in fp32",
+                   spec.title)
+    return dataclasses.replace(settings, precision="fp32")
 
-    Nothing is written under `request.output` unless the whole run succeeds. The task vector of
-    the run goes into the shared cache under CacheKey("task-vector", {base, adapter}, {}).
+
+def plan_run(request: FinetuneRequest, cache) -> dict[str, Any]:
+    """Resolve the method's options and size (matching --budget) and count parameters, without loading weights."""
+    from transformers import AutoConfig
+
+    from llmforge.models import resolve
+
+    from llmforge_finetune.budget import count_parameters, match_budget, memory_estimate
+
+    spec, values = request.validate()
+    resolved = resolve(request.model, cache=cache)
+    if resolved.is_adapter:
+        raise ForgeError(f"{request.model} is an adapter; fine-tune its base model {resolved.base.reference} instead")
+    model_config = AutoConfig.from_pretrained(str(resolved.path))
+
+    match = None
+    if request.budget is not None:
+        match = match_budget(model_config, spec, values, request.budget)
+        if match.matched:
+            values = {**values, spec.size_option: match.size}
+        else:
+            logger.warning("--method %s has no size option, so --budget %d cannot be matched; it trains %d parameters",
+                           spec.name, request.budget, match.trainable)
+
+    try:
+        trainable, total = count_parameters(model_config, spec, values)
+    except (ValueError, TypeError) as error:
+        raise ForgeError(f"cannot attach {spec.title} adapters to {request.model} with options {values}: "
+                         f"{error}") from error
+    settings = training_precision(spec, request.train)
+    memory = memory_estimate(model_config, total=total, trainable=trainable, full=spec.name == "full",
+                             precision=settings.precision, batch_size=settings.batch_size,
+                             max_length=request.max_length)
+    size = values.get(spec.size_option) if spec.size_option else None
+    return {
+        "method": spec.name, "title": spec.title, "model": request.model, "options": values,
+        "size_option": spec.size_option, "size": size, "trainable_parameters": trainable,
+        "total_parameters": total, "trainable_fraction": round(trainable / total, 6),
+        "budget": match.as_dict() if match else None, "precision": settings.precision,
+        "lr": settings.lr, "memory": memory, "model_dir": resolved.path,
+    }
+
+
+def run_finetune(request: FinetuneRequest, *, command: list[str] | None = None, cache=None) -> dict[str, Any]:
+    """Fine-tune `request.model` with the requested method and write the output directory; return the summary.
+
+    With `request.dry_run` it returns the plan (method, size, exact trainable count, memory
+    estimate) and neither trains nor writes. Otherwise nothing is written under
+    `request.output` unless the whole run succeeds, and the run's task vector goes into the cache.
     """
+    from llmforge.cache import Cache
+
+    cache = cache or Cache()
+    plan = plan_run(request, cache)
+    if request.dry_run:
+        plan.pop("model_dir")
+        return {"dry_run": True, **plan}
+    return _train_and_write(request, plan, command, cache)
+
+
+def _train_and_write(request: FinetuneRequest, plan: dict, command, cache) -> dict[str, Any]:
     import torch
 
-    from llmforge.cache import Cache
     from llmforge.checkpoint import file_digest
     from llmforge.data import TokenizeStats, read_records, resolve_data_path, to_examples, tokenize_examples
     from llmforge.models import load_model, load_tokenizer
 
-    from llmforge_finetune.lora import count_trainable, wrap_with_lora
+    from llmforge_finetune.adapters import adalora_hooks, count_trainable, initial_lora_factors, wrap_model
+    from llmforge_finetune.output import write_run
     from llmforge_finetune.train import train
 
-    request.validate()
-    cache = cache or Cache()
+    spec = get_method(plan["method"])
+    settings = training_precision(spec, request.train)
     if not request.progress:
         from transformers.utils import logging as transformers_logging
 
@@ -89,20 +169,24 @@ def run_finetune(request: FinetuneRequest, *, command: list[str] | None = None, 
     stats = TokenizeStats()
     tokenized = tokenize_examples(examples, tokenizer, max_length=request.max_length, stats=stats)
 
-    dtype = torch.bfloat16 if request.train.precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
     loaded = load_model(request.model, dtype=dtype, cache=cache)
-    if loaded.is_adapter:
-        raise ForgeError(f"{request.model} is an adapter; fine-tune its base model {loaded.base_reference} instead")
-
-    torch.manual_seed(request.train.seed)
-    peft_model = wrap_with_lora(loaded.model, request.lora)
-    trainable = count_trainable(peft_model)
+    torch.manual_seed(settings.seed)
+    total_steps = settings.total_steps(math.ceil(len(tokenized) / settings.batch_size))
+    trained = wrap_model(loaded.model, spec, plan["options"], total_steps=total_steps)
+    initial_factors = initial_lora_factors(trained) if spec.mutated_init else None
+    trainable = count_trainable(trained)
+    step_hook, regularizer = adalora_hooks(trained, spec)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result = train(peft_model, tokenized, request.train, pad_token_id=pad_id, progress=request.progress)
+    result = train(trained, tokenized, settings, pad_token_id=pad_id, progress=request.progress,
+                   step_hook=step_hook, regularizer=regularizer)
 
     inputs = {"base_model": loaded.digest, "data": file_digest(data_path)}
     summary = {
         "output": str(Path(request.output).resolve()),
+        "method": spec.name,
+        "size_option": plan["size_option"],
+        "size": plan["size"],
         "steps": result.steps,
         "tokens": result.tokens,
         "seconds": round(result.seconds, 3),
@@ -112,7 +196,6 @@ def run_finetune(request: FinetuneRequest, *, command: list[str] | None = None, 
     }
     fields = {
         "schema": RECORD_SCHEMA,
-        "method": "lora",
         "base_reference": stored_base_reference(request.model),
         "base_digest": loaded.digest,
         "data": {"spec": request.data, "path": str(data_path), "digest": inputs["data"], "records": len(records),
@@ -120,39 +203,13 @@ def run_finetune(request: FinetuneRequest, *, command: list[str] | None = None, 
                  "format": request.fmt, "columns": request.columns, "prompt_template": request.prompt_template,
                  "completion_template": request.completion_template, "max_length": request.max_length},
         "inputs": inputs,
-        "seed": request.train.seed,
-        "hyperparameters": {**request.lora.as_dict(), **result.settings},
+        "seed": settings.seed,
+        "method_options": plan["options"],
+        "budget": plan["budget"],
+        "hyperparameters": {**plan["options"], **result.settings},
         "loss_curve": result.loss_curve,
         **summary,
     }
-    _write_output(request, peft_model, loaded.digest, fields, command, cache)
+    write_run(request, spec, trained, base_digest=loaded.digest, base_dir=plan["model_dir"], tokenizer=tokenizer,
+              fields=fields, command=command, cache=cache, initial_factors=initial_factors)
     return summary
-
-
-def _write_output(request: FinetuneRequest, peft_model, base_digest: str, fields: dict, command, cache) -> None:
-    """Write the adapter and run record atomically and store the task vector in the cache."""
-    from llmforge.cache import CacheKey
-    from llmforge.checkpoint import (
-        TASK_VECTOR_FORMAT,
-        TASK_VECTOR_FORMAT_VERSION,
-        atomic_directory,
-        run_record,
-        write_json,
-    )
-    from llmforge.models import adapter_digest
-
-    from llmforge_finetune.lora import lora_task_vector
-
-    peft_model.peft_config["default"].base_model_name_or_path = fields["base_reference"]
-    with atomic_directory(request.output, overwrite=request.overwrite) as directory:
-        peft_model.save_pretrained(str(directory))
-        # The files are renamed unchanged, so their digest here is the final one.
-        adapter = adapter_digest(directory, base_digest, None)
-        key = CacheKey("task-vector", {"base": base_digest, "adapter": adapter}, {})
-        metadata = {"format": TASK_VECTOR_FORMAT, "format_version": TASK_VECTOR_FORMAT_VERSION,
-                    "base_digest": base_digest, "tuned_digest": adapter, "method": "lora"}
-        cache.get_or_compute(key, lambda: lora_task_vector(peft_model), metadata=metadata)
-
-        record = run_record(command, **fields, adapter_digest=adapter,
-                            task_vector_cache_key=key.as_dict())
-        write_json(directory / RUN_RECORD_NAME, record)

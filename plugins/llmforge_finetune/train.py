@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from llmforge.data import IGNORE_INDEX, TokenizedExample, make_batches
 from llmforge.errors import ForgeError
@@ -176,9 +176,14 @@ class MasterWeights:
 
 
 def train(model, examples: Sequence[TokenizedExample], settings: TrainSettings, *, pad_token_id: int,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, step_hook: Callable[[int], None] | None = None,
+          regularizer: Callable[[], Any] | None = None) -> TrainResult:
     """Train the trainable parameters of `model` on `examples` and return the loss curve and counts.
 
+    `regularizer()` returns a loss term added to every micro-batch loss (the loss curve records the
+    completion loss without it). `step_hook(step)` runs after each optimizer step while the model's
+    gradients are still set. With bf16 master weights the masters overwrite the model's parameters
+    after the hook, so methods that edit parameters in the hook must train in fp32.
     Raises ForgeError when the loss becomes NaN or infinite (the usual cause is a too high --lr).
     """
     import torch
@@ -204,14 +209,15 @@ def train(model, examples: Sequence[TokenizedExample], settings: TrainSettings, 
     bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     for step in range(total):
-        loss, tokens = _accumulate(model, batches, settings)
+        loss, tokens = _accumulate(model, batches, settings, regularizer)
         if not math.isfinite(loss):
             bar.close()
             raise ForgeError(f"the training loss became {loss} at step {step + 1}; lower --lr "
                              f"(now {settings.lr}) or --max-grad-norm, or check the data")
 
         lr = learning_rate(step, base=settings.lr, warmup=warmup, total=total, schedule=settings.schedule)
-        _optimizer_step(optimizer, masters, trainable, settings.max_grad_norm, lr)
+        _optimizer_step(optimizer, masters, trainable, settings.max_grad_norm, lr,
+                        None if step_hook is None else lambda: step_hook(step))
 
         result.steps += 1
         result.tokens += tokens
@@ -236,8 +242,8 @@ def _batch_stream(examples, settings: TrainSettings, pad_token_id: int):
         epoch += 1
 
 
-def _accumulate(model, batches, settings: TrainSettings) -> tuple[float, int]:
-    """Run forward and backward on grad_accum batches; return the mean loss and the token count."""
+def _accumulate(model, batches, settings: TrainSettings, regularizer=None) -> tuple[float, int]:
+    """Run forward and backward on grad_accum batches; return the mean completion loss and the token count."""
     import torch
 
     total_loss = 0.0
@@ -249,13 +255,15 @@ def _accumulate(model, batches, settings: TrainSettings) -> tuple[float, int]:
                 loss = completion_loss(model, batch)
         else:
             loss = completion_loss(model, batch)
-        (loss / settings.grad_accum).backward()
+        objective = loss if regularizer is None else loss + regularizer()
+        (objective / settings.grad_accum).backward()
         total_loss += loss.item() / settings.grad_accum
         tokens += batch.tokens
     return total_loss, tokens
 
 
-def _optimizer_step(optimizer, masters: MasterWeights | None, trainable, max_grad_norm: float, lr: float) -> None:
+def _optimizer_step(optimizer, masters: MasterWeights | None, trainable, max_grad_norm: float, lr: float,
+                    after_step: Callable[[], None] | None = None) -> None:
     import torch
 
     if masters is not None:
@@ -268,6 +276,8 @@ def _optimizer_step(optimizer, masters: MasterWeights | None, trainable, max_gra
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
+    if after_step is not None:
+        after_step()
     optimizer.zero_grad(set_to_none=True)
 
     if masters is not None:
