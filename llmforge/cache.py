@@ -119,6 +119,8 @@ class Cache:
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_cache_root()
+        if self.root.exists() and not self.root.is_dir():
+            raise ForgeError(f"the cache path {self.root} is a file, not a directory; set FORGE_CACHE to a directory")
         self.blobs = self.root / "blobs"
         self.refs = self.root / "refs"
         self.locks = self.root / "locks"
@@ -144,7 +146,7 @@ class Cache:
         ref = self.ref_path(key)
         try:
             record = json.loads(ref.read_text())
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
         if not self.blob_path(record).exists():
             return None

@@ -98,6 +98,8 @@ def verify_command(as_json: bool) -> None:
     cache = Cache()
     problems = cache.verify()
     text = "\n".join(f"{p['entry']}: {p['problem']}" for p in problems) or f"all {len(cache.records())} entries are intact"
+    if problems:
+        text += "\nremove the broken entries with `forge cache rm KEY` (KEY from `forge cache ls`), then `forge cache gc`"
     _print({"schema": "llmforge.cache/1", "ok": not problems, "problems": problems}, as_json, text)
     if problems:
         raise click.exceptions.Exit(1)

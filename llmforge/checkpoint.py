@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import torch
 
 TASK_VECTOR_FORMAT = "llmforge.task_vector"
+# Every forge output directory contains this run record; --overwrite replaces only such directories.
+RUN_RECORD_NAME = "forge_run.json"
 TASK_VECTOR_FORMAT_VERSION = "1"
 
 # A safetensors header takes about a hundred bytes per tensor. The safetensors library rejects
@@ -48,8 +50,16 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _temporary_name(path: Path) -> Path:
+    """Create an empty temporary file beside ``path`` with the permissions a new file would get."""
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(handle, 0o666 & ~_umask())
     os.close(handle)
     return Path(name)
 
@@ -72,22 +82,45 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     _fsync_directory(path.parent)
 
 
+def check_output_directory(path: Path, *, overwrite: bool, marker: str | None = RUN_RECORD_NAME) -> None:
+    """Raise ForgeError unless ``path`` may become an output directory.
+
+    A missing path is fine. An existing one needs ``overwrite``, and even then it must be empty or
+    contain ``marker`` (a forge run record), so that --overwrite never deletes unrelated files.
+    The current directory and its parents are never replaced.
+    """
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ForgeError(f"output path {path} exists and is not a directory; remove it or choose another path")
+    if not overwrite:
+        raise ForgeError(f"output directory {path} already exists; choose another path or pass --overwrite")
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ForgeError(f"output directory {path} is the current directory or one of its parents; choose a subdirectory")
+    if marker is not None and any(path.iterdir()) and not (path / marker).is_file():
+        raise ForgeError(
+            f"--overwrite would delete {path}, which is not empty and has no {marker}, so it was not written by forge; "
+            "remove it yourself or choose another path"
+        )
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, marker: str | None = RUN_RECORD_NAME) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``path``; on success rename it to ``path``.
 
-    An existing ``path`` raises ForgeError unless ``overwrite`` is set; then the old directory
-    is replaced only after the new one is complete. On any error the temporary directory is
-    removed and ``path`` is left as it was.
+    ``check_output_directory`` decides whether an existing ``path`` may be replaced; the old
+    directory is replaced only after the new one is complete. On any error the temporary
+    directory is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise ForgeError(f"output directory {path} already exists; choose another path or pass --overwrite")
-    if path.exists() and not path.is_dir():
-        raise ForgeError(f"output path {path} exists and is not a directory; remove it or choose another path")
-
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_output_directory(path, overwrite=overwrite, marker=marker)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ForgeError(f"cannot create output directory {path}: a parent path is a file; choose another path") from None
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(temporary, 0o777 & ~_umask())
     try:
         yield temporary
         for file in temporary.rglob("*"):
@@ -204,6 +237,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, "torch.Tensor"], me
     temporary = _temporary_name(path)
     try:
         save_file(contiguous, str(temporary), metadata=metadata)
+        os.chmod(temporary, 0o666 & ~_umask())  # save_file recreates the file with mode 0600
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)

@@ -34,6 +34,14 @@ class ForgeGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
+        except OSError as error:
+            # File system failures (a parent path that is a file, no permission, disk full) are
+            # the user's to fix; name the path instead of printing a traceback.
+            if ctx.find_root().params.get("debug") or isinstance(error, BrokenPipeError):
+                raise
+            where = f": {error.filename}" if error.filename else ""
+            click.echo(f"Error: {error.strerror or error}{where}; check the path and its permissions", err=True)
+            ctx.exit(1)
 
 
 def print_json(document) -> None:
@@ -45,7 +53,7 @@ def print_json(document) -> None:
 @click.version_option(__version__, "--version", prog_name="forge")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 def cli(debug: bool) -> None:
-    """Adapt language models: fine-tune, edit and transfer task vectors, and evaluate the trade-off.
+    """Adapt language models: fine-tune them and evaluate what they learned and what they kept.
 
     Models are named by one reference everywhere: a built-in name (see `forge models`), a Hugging
     Face model directory, a .gguf file, or a PEFT adapter directory. Computed tensors are shared

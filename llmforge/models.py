@@ -11,12 +11,13 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from llmforge.cache import Cache, CacheKey
-from llmforge.checkpoint import file_digest, read_safetensors_header, save_tensors
+from llmforge.checkpoint import RUN_RECORD_NAME, file_digest, read_safetensors_header, save_tensors
 from llmforge.errors import ForgeError
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 
 # Bump when the conversion output changes, so that old converted copies are not reused.
 CONVERSION_VERSION = "1"
-RUN_RECORD_NAME = "forge_run.json"
 PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
 
 
@@ -272,16 +272,25 @@ def _plugin_sources() -> list[ModelSource]:
     return sources
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ForgeError(f"{path} is not valid JSON ({error}); repair or recreate it") from None
+    if not isinstance(document, dict):
+        raise ForgeError(f"{path} must contain a JSON object")
+    return document
+
+
 def adapter_base_reference(directory: Path) -> str:
     """Return the base model reference of an adapter: forge's run record first, then adapter_config.json."""
     record_path = directory / RUN_RECORD_NAME
     if record_path.is_file():
-        with open(record_path, encoding="utf-8") as handle:
-            base = json.load(handle).get("base_reference")
+        base = _read_json_object(record_path).get("base_reference")
         if base:
             return base
-    with open(directory / "adapter_config.json", encoding="utf-8") as handle:
-        base = json.load(handle).get("base_model_name_or_path")
+    base = _read_json_object(directory / "adapter_config.json").get("base_model_name_or_path")
     if not base:
         raise ForgeError(f"adapter {directory} names no base model; set base_model_name_or_path in its adapter_config.json")
     return base
@@ -289,7 +298,15 @@ def adapter_base_reference(directory: Path) -> str:
 
 def _resolve_directory(reference: str, directory: Path, cache: Cache, allow_pickle: bool) -> ResolvedModel:
     if (directory / "adapter_config.json").is_file():
-        base = resolve(adapter_base_reference(directory), cache=cache, allow_pickle=allow_pickle)
+        weights = directory / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise ForgeError(f"adapter {directory} has no adapter_model.safetensors; the adapter is incomplete, so recreate it")
+        read_safetensors_header(weights)
+        base_reference = adapter_base_reference(directory)
+        try:
+            base = resolve(base_reference, cache=cache, allow_pickle=allow_pickle)
+        except ForgeError as error:
+            raise ForgeError(f"adapter {directory} names the base model {base_reference!r}, which failed to resolve: {error}") from None
         if base.is_adapter:
             raise ForgeError(f"adapter {directory} is based on another adapter ({base.reference}); stacked adapters are not supported")
         return ResolvedModel(reference, directory, is_adapter=True, base=base)
@@ -380,12 +397,15 @@ def _load_weights(directory: Path, dtype: "torch.dtype", allow_pickle: bool, tru
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(directory),
-            dtype=dtype,
-            use_safetensors=not allow_pickle or any(directory.glob("*.safetensors")),
-            trust_remote_code=trust_remote_code,
-        )
+        with warnings.catch_warnings():
+            # transformers 5.x warns about its own deprecated attribute on every load.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(directory),
+                dtype=dtype,
+                use_safetensors=not allow_pickle or any(directory.glob("*.safetensors")),
+                trust_remote_code=trust_remote_code,
+            )
     except (OSError, ValueError, RuntimeError) as error:
         raise ForgeError(f"failed to load the model in {directory}: {error}") from None
     return model.eval()
@@ -423,7 +443,8 @@ def load_model(
     try:
         model = PeftModel.from_pretrained(base_model, str(resolved.path), is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as error:
-        raise ForgeError(f"adapter {resolved.path} does not fit its base model {base.reference}: {error}") from None
+        detail = str(error) if len(str(error)) <= 600 else str(error)[:600] + " ..."
+        raise ForgeError(f"adapter {resolved.path} does not fit its base model {base.reference}: {detail}") from None
     model = model.to(dtype).eval()
     tokenizer = _load_tokenizer(base.path, trust_remote_code)
     return LoadedModel(

@@ -136,6 +136,7 @@ def test_atomic_directory_overwrite_replaces(tmp_path):
     target = tmp_path / "run"
     target.mkdir()
     (target / "old.txt").write_text("old")
+    (target / "forge_run.json").write_text("{}")
 
     with atomic_directory(target, overwrite=True) as work:
         (work / "new.txt").write_text("new")
@@ -180,3 +181,40 @@ def test_run_record_has_versions(tmp_path):
     assert loaded["seed"] == 3
     assert torch.__version__.startswith(loaded["versions"]["torch"].split("+")[0])
     assert loaded["versions"]["llmforge"] == "0.1.0"
+
+
+def test_overwrite_refuses_foreign_directory(tmp_path):
+    target = tmp_path / "victim"
+    target.mkdir()
+    (target / "data.txt").write_text("precious")
+
+    with pytest.raises(ForgeError, match="not written by forge"):
+        with atomic_directory(target, overwrite=True):
+            pass
+
+    assert (target / "data.txt").read_text() == "precious"
+
+
+def test_overwrite_refuses_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "forge_run.json").write_text("{}")
+
+    with pytest.raises(ForgeError, match="current directory"):
+        with atomic_directory(tmp_path / ".", overwrite=True):
+            pass
+
+
+def test_outputs_follow_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "run") as work:
+            save_tensors(work / "w.safetensors", {"w": torch.ones(1)})
+            write_json(work / "forge_run.json", {})
+    finally:
+        os.umask(old)
+
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "run" / "w.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "run" / "forge_run.json").stat().st_mode & 0o777 == 0o644

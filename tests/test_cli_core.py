@@ -197,3 +197,39 @@ def test_unknown_model_reference_exit_1(forge_env):
 
     assert result.returncode == 1
     assert "unknown model reference 'nope-model'" in result.stderr
+
+
+def test_os_error_becomes_clean_message(tmp_path, forge_env):
+    write_fake_plugin(
+        tmp_path,
+        """
+        import click
+        from llmforge.hookspecs import hookimpl
+
+        @click.command()
+        def write():
+            "Write into a path whose parent is a file."
+            open("/proc/version/nope.txt", "w")
+
+        @hookimpl
+        def forge_commands(cli):
+            cli.add_command(write)
+        """,
+    )
+
+    result = run_forge("write", env={**forge_env, "PYTHONPATH": str(tmp_path)})
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: ")
+    assert "/proc/version/nope.txt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cache_verify_says_how_to_repair(isolated_cache):
+    cache = fill_cache(isolated_cache)
+    sorted(cache.blobs.iterdir())[0].write_text("{}")
+
+    result = CliRunner().invoke(cli, ["cache", "verify"])
+
+    assert result.exit_code == 1
+    assert "forge cache rm KEY" in result.output

@@ -173,9 +173,22 @@ def test_overwrite_replaces_output(tiny_model_dir, qa_data, tmp_path):
     output = tmp_path / "adapter"
     output.mkdir()
     (output / "old.txt").write_text("old")
+    (output / "forge_run.json").write_text("{}")
     assert invoke(*base_args(tiny_model_dir, qa_data, output, "--overwrite")).exit_code == 0
     assert not (output / "old.txt").exists()
     assert (output / "adapter_model.safetensors").is_file()
+
+
+def test_overwrite_refuses_foreign_directory(tiny_model_dir, qa_data, tmp_path):
+    output = tmp_path / "photos"
+    output.mkdir()
+    (output / "holiday.jpg").write_text("precious")
+
+    result = invoke(*base_args(tiny_model_dir, qa_data, output, "--overwrite"))
+
+    assert result.exit_code == 1
+    assert "not written by forge" in result.output
+    assert sorted(p.name for p in output.iterdir()) == ["holiday.jpg"]
 
 
 BAD_INPUTS = [
@@ -289,3 +302,14 @@ def test_cli_template_unescapes_newline():
     assert unescape_template(None, None, typed) == QA_PROMPT_TEMPLATE
     assert unescape_template(None, None, None) is None
     assert unescape_template(None, None, r"a\tb") == "a\tb"
+
+
+def test_output_under_a_file_is_rejected(tiny_model_dir, qa_data, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+
+    result = invoke(*base_args(tiny_model_dir, qa_data, blocker / "sub"))
+
+    assert result.exit_code == 1
+    assert "parent path is a file" in result.output
+    assert blocker.read_text() == "x"

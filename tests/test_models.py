@@ -139,3 +139,40 @@ def test_smollm2_conversion_matches_gguf(real_model_cache):
     plain = AutoModelForCausalLM.from_pretrained(str(loaded.path))
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete", "bad-config"])
+def test_damaged_adapter_rejected(tiny_model_dir, tmp_path, damage):
+    adapter = tmp_path / "adapter"
+    make_adapter(tiny_model_dir, adapter)
+    weights = adapter / "adapter_model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:50])
+    elif damage == "garbage":
+        weights.write_bytes(b"\xff" * 4096)
+    elif damage == "delete":
+        weights.unlink()
+    else:
+        (adapter / "adapter_config.json").write_text("{not json")
+
+    with pytest.raises(ForgeError, match="adapter_model.safetensors|not valid JSON|truncated|corrupt"):
+        load_model(str(adapter))
+
+
+def test_adapter_with_unknown_base_names_it(tiny_model_dir, tmp_path):
+    adapter = tmp_path / "adapter"
+    make_adapter(tiny_model_dir, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "gpt2"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+    with pytest.raises(ForgeError, match="names the base model 'gpt2'"):
+        load_model(str(adapter))
+
+
+def test_cache_path_that_is_a_file(tmp_path):
+    file = tmp_path / "afile"
+    file.write_text("x")
+
+    with pytest.raises(ForgeError, match="is a file, not a directory"):
+        Cache(file)

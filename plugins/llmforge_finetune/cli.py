@@ -167,7 +167,8 @@ def finetune_command(model, data, output, fmt, prompt_template, completion_templ
         loss = summary["final_train_loss"]
         click.echo(f"finetune: {summary['method']}, {summary['steps']} steps, {summary['tokens']} tokens in "
                    f"{summary['seconds']:.1f} s ({summary['tokens_per_second']:.0f} tokens/s), "
-                   f"{summary['trainable_parameters']} trainable parameters, final loss {loss:.4f}; "
+                   f"{summary['trainable_parameters']} trainable parameters, "
+                   f"loss {loss:.4f} (mean of the last {summary['final_train_loss_steps']} steps); "
                    f"output written to {summary['output']}", err=True)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmforge.checkpoint import check_output_directory
 from llmforge.errors import ForgeError
 
 from llmforge_finetune.methods import MethodSettings, MethodSpec, get_method
@@ -60,8 +61,7 @@ class FinetuneRequest:
             return spec, values
         if self.data is None or self.output is None:
             raise ForgeError("missing --data or --output; both are required unless --dry-run is given")
-        if Path(self.output).exists() and not self.overwrite:
-            raise ForgeError(f"output directory {self.output} already exists; choose another path or pass --overwrite")
+        check_output_directory(Path(self.output), overwrite=self.overwrite)
         return spec, values
 
 
@@ -192,13 +192,16 @@ def _train_and_write(request: FinetuneRequest, plan: dict, command, cache) -> di
         "seconds": round(result.seconds, 3),
         "tokens_per_second": round(result.tokens_per_second, 1),
         "trainable_parameters": trainable,
-        "final_train_loss": result.final_loss,
+        # Averaged over the last 10 steps because one micro-batch's loss is noisy.
+        "final_train_loss": round(result.final_loss, 6) if result.final_loss is not None else None,
+        "final_train_loss_steps": min(10, len(result.loss_curve)),
+        "last_step_loss": round(result.loss_curve[-1], 6) if result.loss_curve else None,
     }
     fields = {
         "schema": RECORD_SCHEMA,
         "base_reference": stored_base_reference(request.model),
         "base_digest": loaded.digest,
-        "data": {"spec": request.data, "path": str(data_path), "digest": inputs["data"], "records": len(records),
+        "data": {"spec": request.data, "path": str(Path(data_path).resolve()), "digest": inputs["data"], "records": len(records),
                  "examples": stats.total, "truncated": stats.truncated, "dropped": stats.dropped,
                  "format": request.fmt, "columns": request.columns, "prompt_template": request.prompt_template,
                  "completion_template": request.completion_template, "max_length": request.max_length},
