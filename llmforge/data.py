@@ -37,6 +37,13 @@ QA_COMPLETION_TEMPLATE = " {answer}"
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 INSTRUCTION_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
+# The record fields that the formats read, and so the only valid targets of a column mapping.
+# question and answer are the fields of the built-in question/answer layout that auto mode detects.
+FORMAT_FIELDS = ("text", "prompt", "completion", "instruction", "input", "output", "messages",
+                 "question", "answer")
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
 
 class Records(list):
     """A list of record dicts that remembers its file and the line where each record starts."""
@@ -262,6 +269,7 @@ def to_examples(records: Sequence[Mapping[str, Any]], tokenizer=None, *, fmt: st
     if not records:
         raise ForgeError("the data set is empty; there are no records to train on")
 
+    validate_columns(columns or {})
     mapped = [_map_columns(records, index, columns or {}) for index in range(len(records))]
     if prompt_template is None and completion_template is None and fmt == "auto":
         fmt, prompt_template, completion_template = _detect_format(mapped[0], _where(records, 0))
@@ -283,8 +291,24 @@ def to_examples(records: Sequence[Mapping[str, Any]], tokenizer=None, *, fmt: st
             example = _instruction_example(record, where)
         else:
             example = _chat_example(record, tokenizer, where)
+
+        # An empty completion trains on the EOS token alone, and with an empty prompt on no token
+        # at all, which makes the loss NaN.
+        if not example.completion:
+            raise ForgeError(f"{where}: empty completion; there is nothing to train on; "
+                             "fill in the completion or remove the record")
         examples.append(example)
     return examples
+
+
+def validate_columns(columns: Mapping[str, str]) -> None:
+    """Raise ForgeError unless every FIELD of a FIELD=NAME column mapping is a field the formats read."""
+    for target, source in columns.items():
+        if target not in FORMAT_FIELDS:
+            raise ForgeError(f"invalid column mapping {target}={source}: {target!r} is not a field of any "
+                             f"data format; map one of: {', '.join(FORMAT_FIELDS)}")
+        if not source:
+            raise ForgeError(f"invalid column mapping {target}={source}: the record field name is empty")
 
 
 def _map_columns(records: Sequence[Mapping[str, Any]], index: int, columns: Mapping[str, str]) -> dict:
@@ -349,9 +373,8 @@ def _chat_example(record: Mapping[str, Any], tokenizer, where: str) -> Example:
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ForgeError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
-    for message in messages:
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ForgeError(f"{where}: every message needs 'role' and 'content', got {message!r}")
+    for number, message in enumerate(messages, start=1):
+        _check_message(message, number, where)
     if messages[-1]["role"] != "assistant":
         raise ForgeError(f"{where}: the last message must have role 'assistant', got {messages[-1]['role']!r}")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -365,6 +388,18 @@ def _chat_example(record: Mapping[str, Any], tokenizer, where: str) -> Example:
                          "prefix of the full text; use prompt/completion fields instead")
     # The completion keeps the end-of-turn marker; trailing newlines after it are not trained on.
     return Example(prompt, full[len(prompt):].rstrip())
+
+
+def _check_message(message: Any, number: int, where: str) -> None:
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise ForgeError(f"{where}: every message needs 'role' and 'content', got {message!r}")
+    role = message["role"]
+    if role not in CHAT_ROLES:
+        raise ForgeError(f"{where}: message {number} has the unknown role {role!r}; "
+                         f"use one of: {', '.join(CHAT_ROLES)}")
+    if not isinstance(message["content"], str):
+        raise ForgeError(f"{where}: the content of message {number} ({role}) must be a string, "
+                         f"got {type(message['content']).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +433,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
     completion without, so the label boundary is exact and matches generation from the prompt
     alone. EOS is not appended twice when the completion already ends with it (chat turns).
     Examples longer than max_length are cut at the end; those left without a completion token
-    are dropped. Both counts are logged as a warning and stored in `stats` when given.
+    are dropped. Both counts are logged as a warning and stored in `stats` when given. Raises
+    ForgeError on an example with an empty completion.
     """
     if max_length < 2:
         raise ForgeError(f"invalid max_length {max_length}; it must be at least 2 tokens")
@@ -411,7 +447,9 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
     completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
 
     tokenized = []
-    for prompt_ids, completion_ids in zip(prompts, completions):
+    for index, (prompt_ids, completion_ids) in enumerate(zip(prompts, completions)):
+        if not examples[index].completion:
+            raise ForgeError(f"example {index + 1}: empty completion; there is nothing to train on")
         if not completion_ids or completion_ids[-1] != eos:
             completion_ids = completion_ids + [eos]
         input_ids = prompt_ids + completion_ids
@@ -421,7 +459,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
         if len(input_ids) > max_length:
             stats.truncated += 1
             input_ids, labels = input_ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
+        # The first position is never a target: the model predicts token t from the tokens before it.
+        if all(label == IGNORE_INDEX for label in labels[1:]):
             stats.dropped += 1
             continue
 

@@ -210,6 +210,48 @@ def test_column_mapping_missing_source_names_line(tmp_path):
         to_examples(read_records(path), columns={"prompt": "q", "completion": "a"})
 
 
+def test_column_mapping_unknown_field_lists_valid_ones():
+    with pytest.raises(ForgeError, match=r"invalid column mapping bogus=question: 'bogus' .* text, prompt, "
+                                         r"completion, instruction, input, output, messages"):
+        to_examples([{"question": "a", "answer": "b"}], columns={"bogus": "question"})
+
+
+def test_column_mapping_checked_through_finetune_parser():
+    from llmforge_finetune.cli import parse_columns
+
+    with pytest.raises(ForgeError, match="'bogus' is not a field of any data format"):
+        to_examples([{"question": "a", "answer": "b"}], columns=parse_columns(("bogus=question",)))
+
+
+@pytest.mark.parametrize(
+    ("line", "fmt"),
+    [('{"text": ""}', "auto"), ('{"prompt": "", "completion": ""}', "auto"),
+     ('{"prompt": "2+2=", "completion": ""}', "prompt-completion"),
+     ('{"instruction": "Say hi.", "output": ""}', "auto")],
+)
+def test_empty_completion_names_line(tmp_path, line, fmt):
+    path = write(tmp_path / "d.jsonl", line + "\n" + line + "\n")
+    with pytest.raises(ForgeError, match=rf"^{path}:1: empty completion; there is nothing to train on"):
+        to_examples(read_records(path), fmt=fmt)
+
+
+def test_empty_completion_after_good_records(tmp_path):
+    path = write(tmp_path / "d.jsonl", '{"text": "fine"}\n\n{"text": ""}\n')
+    with pytest.raises(ForgeError, match=rf"^{path}:3: empty completion"):
+        to_examples(read_records(path))
+
+
+def test_empty_completion_template(tmp_path):
+    path = write(tmp_path / "d.jsonl", '{"q": "x", "a": ""}\n')
+    with pytest.raises(ForgeError, match=rf"^{path}:1: empty completion"):
+        to_examples(read_records(path), prompt_template="{q}", completion_template="{a}")
+
+
+def test_tokenize_rejects_empty_completion(tokenizer):
+    with pytest.raises(ForgeError, match="example 2: empty completion"):
+        tokenize_examples([Example("a", "b"), Example("", "")], tokenizer, max_length=16)
+
+
 def test_templates_fill_from_fields():
     records = [{"question": "3*4?", "answer": 12, "unit": "apples"}]
     examples = to_examples(records, prompt_template="Q: {question}\nA:", completion_template=" {answer} {unit}")
@@ -244,6 +286,31 @@ def test_chat_format_splits_at_last_assistant_turn(tokenizer):
 def test_chat_last_turn_must_be_assistant(tokenizer):
     with pytest.raises(ForgeError, match="last message must have role 'assistant'"):
         to_examples([{"messages": [{"role": "user", "content": "hi"}]}], tokenizer)
+
+
+@pytest.mark.parametrize("role", ["system", "user", "tool"])
+def test_chat_accepts_standard_roles(tokenizer, role):
+    messages = [{"role": role, "content": "x"}, {"role": "assistant", "content": "y"}]
+    [example] = to_examples([{"messages": messages}], tokenizer)
+    assert example.completion == "y<|im_end|>"
+
+
+def test_chat_unknown_role_names_line_and_role(tokenizer, tmp_path):
+    messages = [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "boo"},
+                {"role": "assistant", "content": "ok"}]
+    path = write(tmp_path / "d.jsonl", json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(ForgeError, match=rf"^{path}:1: message 2 has the unknown role 'wizard'; "
+                                         "use one of: system, user, assistant, tool"):
+        to_examples(read_records(path), tokenizer)
+
+
+@pytest.mark.parametrize("content", [None, 42, ["a", "b"], {"text": "a"}])
+def test_chat_content_must_be_string(tokenizer, tmp_path, content):
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]
+    path = write(tmp_path / "d.jsonl", "\n" + json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(ForgeError, match=rf"^{path}:2: the content of message 1 \(user\) must be a string, "
+                                         rf"got {type(content).__name__}"):
+        to_examples(read_records(path), tokenizer)
 
 
 # Tokenization and label masking

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from llmforge.cli import cli
 from llmforge_eval.evaluate import evaluate
-from llmforge_eval.tasks import parse_spec, task_digest
+from llmforge_eval.tasks import parse_spec, resolve_data_path, task_digest
 
 FORGE = Path("/work/venv/bin/forge")
 
@@ -151,7 +151,7 @@ def test_list_tasks_json():
     result = run_eval("--list-tasks", "--json")
     assert result.exit_code == 0, result.output
     names = {task["name"] for task in json.loads(result.stdout)["tasks"]}
-    assert {"arith", "facts", "gsm8k", "sst2", "arc_easy", "arc_challenge", "boolq", "wikitext2"} <= names
+    assert {"arith", "facts", "gsm8k", "sst2", "arc_easy", "arc_challenge", "boolq", "nq_open", "wikitext2"} <= names
 
 
 def test_facts_data_shape():
@@ -252,3 +252,56 @@ def test_adapter_model_scores_all_kinds(tiny_model_dir, tmp_path):
     assert entry["base_digest"] == report["inputs"]["baseline"]["digest"]
     assert set(entry["tasks"]) == {"sums", "quiz", "text"}
     assert entry["tasks"]["text"]["delta"] != 0
+
+
+def write_sst2(data_dir: Path) -> Path:
+    path = data_dir / "sst2" / "test.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_text("sentence\tlabel\na fine film\t1\na dull film\t0\nwonderful\t1\n")
+    return path
+
+
+def test_relative_data_dir_is_cwd_relative(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    expected = write_sst2(tmp_path / "dd")
+
+    result = run_eval("--model", str(tiny_model_dir), "--general", "sst2", "--data-dir", "dd", "--dtype", "float32",
+                      "--quiet", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["inputs"]["tasks"][0]["data"] == str(expected)
+    assert report["results"][0]["tasks"]["sst2"]["n"] == 3
+
+
+def test_relative_data_dir_env_is_cwd_relative(tmp_path, monkeypatch):
+    from llmforge_eval.evaluate import task_registry
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FORGE_DATA_DIR", "dd")
+    expected = write_sst2(tmp_path / "dd")
+    assert resolve_data_path(task_registry()["sst2"]) == expected
+
+
+def test_spec_relative_data_stays_spec_relative(tmp_path, monkeypatch):
+    tasks = write_tasks(tmp_path / "tasks")
+    monkeypatch.chdir(tmp_path)
+    spec = parse_spec(json.loads(tasks["quiz"].read_text()), source=str(tasks["quiz"]))
+    assert resolve_data_path(spec, data_dir="elsewhere") == tmp_path / "tasks" / "quiz.jsonl"
+
+
+NQ_OPEN = Path("/work/shared/data/nq_open/NQ-open.dev.jsonl")
+
+
+@pytest.mark.skipif(not NQ_OPEN.is_file(), reason="NQ-open data set not present")
+def test_nq_open_spec_reads_answer_lists():
+    from llmforge_eval.evaluate import task_registry
+    from llmforge_eval.tasks import read_task_records, render_references
+
+    spec = task_registry()["nq_open"]
+    path = resolve_data_path(spec, NQ_OPEN.parents[1])
+    assert path == NQ_OPEN
+    records = read_task_records(path)
+    assert len(records) == 3610
+    answers = [render_references(spec.reference, record, "nq_open") for record in records[:50]]
+    assert all(answer and all(isinstance(item, str) for item in answer) for answer in answers)
+    assert any(len(answer) > 1 for answer in answers)

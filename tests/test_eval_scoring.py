@@ -6,10 +6,19 @@ import math
 
 import pytest
 
-from llmforge_eval.generation import answers_match, extract_answer, generate_greedy, truncate_at_stop
+from llmforge.errors import ForgeError
+from llmforge_eval.generation import (
+    answers_match,
+    extract_answer,
+    generate_greedy,
+    normalize_answer,
+    score_generate,
+    truncate_at_stop,
+)
 from llmforge_eval.multiple_choice import continuation_loglikelihoods
 from llmforge_eval.perplexity import rolling_windows, score_perplexity
-from llmforge_eval.tasks import parse_spec
+from llmforge_eval.report import _task_result, wilson_interval
+from llmforge_eval.tasks import parse_spec, render_references
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +202,102 @@ def test_extract_answer_cases(text, extractor, expected):
 )
 def test_answers_match_cases(prediction, reference, metric, expected):
     assert answers_match(prediction, reference, metric) is expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The Beatles", "beatles"),
+        ("  an  Apple, a day!  ", "apple day"),
+        ("Nineteen Eighty-Four.", "nineteen eightyfour"),
+        ("theory of the atom", "theory of atom"),
+        ("A", ""),
+    ],
+)
+def test_squad_normalization_cases(text, expected):
+    assert normalize_answer(text, "squad") == expected
+
+
+def test_normalization_none_keeps_case():
+    assert normalize_answer("  The Beatles ", "none") == "The Beatles"
+
+
+@pytest.mark.parametrize(
+    ("prediction", "references", "metric", "normalization", "expected"),
+    [
+        ("1984", ["Nineteen Eighty-Four", "1984"], "exact_match", "none", True),
+        ("nineteen eighty-four", ["Nineteen Eighty-Four", "1984"], "exact_match", "squad", True),
+        ("nineteen eighty-four", ["Nineteen Eighty-Four", "1984"], "exact_match", "none", False),
+        ("the Beatles.", ["Beatles"], "exact_match", "squad", True),
+        ("1985", ["Nineteen Eighty-Four", "1984"], "exact_match", "squad", False),
+        ("1,984", ["1984", "1984.0"], "numeric_match", "none", True),
+        ("12", ["1984", "1984.0"], "numeric_match", "none", False),
+    ],
+)
+def test_answers_match_any_reference(prediction, references, metric, normalization, expected):
+    assert answers_match(prediction, references, metric, normalization) is expected
+
+
+def test_list_reference_renders_each_answer():
+    record = {"answer": ["1984", "Nineteen Eighty-Four"], "year": 1984}
+    assert render_references("{answer}", record, "t") == ["1984", "Nineteen Eighty-Four"]
+    assert render_references("{year}", record, "t") == ["1984"]
+    assert render_references("year {year}", record, "t") == ["year 1984"]
+    with pytest.raises(ForgeError, match="Invalid reference list"):
+        render_references("{answer}", {"answer": []}, "t")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"normalize": "lower"}, "Invalid normalize 'lower'"),
+     ({"normalize": "squad", "metric": "numeric_match"}, "applies to exact_match only")],
+)
+def test_normalize_field_validated(change, message):
+    raw = {"name": "t", "kind": "generate", "data": "x.jsonl", "prompt": "{q}", "reference": "{a}", **change}
+    with pytest.raises(ForgeError, match=message):
+        parse_spec(raw)
+
+
+def test_generate_accepts_any_listed_answer(tiny, tmp_path):
+    from llmforge_eval.evaluate import task_registry
+
+    spec = task_registry()["nq_open"]
+    questions = ["who wrote the novel about big brother", "what is the capital of atlantis"]
+    prompts = [spec.prompt.format(question=question) for question in questions]
+    outputs = generate_greedy(tiny.model, tiny.tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
+                              stop=spec.stop, batch_size=2)
+    first = extract_answer(outputs[0], spec.extract)
+    # str.upper is not reversible for every character ("ß" becomes "SS"), so such an output keeps its case.
+    shouted = first.upper() if first.upper().lower() == first.lower() else first
+    # The second answer differs from the output only by case, an article and punctuation.
+    records = [{"question": questions[0], "answer": ["no such answer", f"The {shouted}."]},
+               {"question": questions[1], "answer": ["no such answer"]}]
+
+    result = score_generate(tiny.model, tiny.tokenizer, spec, records, batch_size=2)
+    assert result["score"] == 0.5
+    assert result["samples"][0]["reference"] == ["no such answer", f"The {shouted}."]
+    assert result["samples"][1]["reference"] == "no such answer"
+
+
+def test_wilson_interval_small_n():
+    low, high = wilson_interval(0.2, 5)
+    assert low == pytest.approx(0.0362, abs=1e-4)
+    assert high == pytest.approx(0.6245, abs=1e-4)
+    assert wilson_interval(0.0, 5)[0] == 0.0
+    assert wilson_interval(1.0, 5)[1] == 1.0
+
+
+def test_proportion_interval_stays_in_unit_range():
+    for score, n in [(0.2, 5), (0.0, 3), (1.0, 4), (0.5, 1), (0.9, 10)]:
+        result = {"metric": "acc", "score": score, "stderr": math.sqrt(score * (1 - score) / n), "n": n}
+        entry = _task_result(result, "general", None)
+        assert entry["ci95_method"] == "wilson"
+        assert 0.0 <= entry["ci95"][0] <= score <= entry["ci95"][1] <= 1.0
+        assert entry["stderr"] == result["stderr"]
+
+
+def test_perplexity_interval_is_normal():
+    result = {"metric": "perplexity", "score": 20.0, "stderr": 2.0, "n": 8}
+    entry = _task_result(result, "general", None)
+    assert entry["ci95_method"] == "normal"
+    assert entry["ci95"] == pytest.approx([20.0 - 1.959964 * 2.0, 20.0 + 1.959964 * 2.0])

@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_DTYPE = "bfloat16"
 
 # Bump when a change to the scoring code changes scores, so that older cached scores are not reused.
-SCORER_VERSION = 1
+# 2: generate tasks accept any answer of a list reference field instead of the list's repr.
+SCORER_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import string
 from decimal import Decimal, InvalidOperation
 from typing import Any, Sequence
 
@@ -15,10 +16,12 @@ from llmforge_eval.batching import (
     pad_token_id,
     proportion_stderr,
 )
-from llmforge_eval.tasks import TaskSpec, render
+from llmforge_eval.tasks import TaskSpec, render, render_references
 
 # An integer or decimal with optional sign and thousands separators: "-1,234.5", "7", ".5".
 _NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def extract_answer(text: str, extractor: str) -> str:
@@ -52,10 +55,29 @@ def parse_number(text: str) -> Decimal | None:
     return value if value.is_finite() else None
 
 
-def answers_match(prediction: str, reference: str, metric: str) -> bool:
-    """Compare an extracted prediction with an extracted reference (numbers as numbers for numeric_match)."""
+def normalize_answer(text: str, normalization: str) -> str:
+    """Apply an answer normalisation: "squad" lowercases, drops ASCII punctuation and the articles a/an/the,
+    and collapses whitespace; "none" only strips the ends."""
+    if normalization == "none":
+        return text.strip()
+    text = text.lower().translate(_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def answers_match(prediction: str, references: str | Sequence[str], metric: str,
+                  normalization: str = "none") -> bool:
+    """Compare an extracted prediction with one or more extracted references; any match counts.
+
+    exact_match compares the texts after `normalize_answer`, numeric_match compares them as numbers.
+    """
+    if isinstance(references, str):
+        references = [references]
+    return any(_answer_matches(prediction, reference, metric, normalization) for reference in references)
+
+
+def _answer_matches(prediction: str, reference: str, metric: str, normalization: str) -> bool:
     if metric == "exact_match":
-        return prediction.strip() == reference.strip()
+        return normalize_answer(prediction, normalization) == normalize_answer(reference, normalization)
 
     expected = parse_number(reference)
     if expected is None:
@@ -124,22 +146,27 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
 
 def score_generate(model, tokenizer, spec: TaskSpec, records: Sequence[dict], batch_size: int,
                    progress=None) -> dict[str, Any]:
-    """Score a generation task: the share of examples whose extracted answer matches the reference."""
+    """Score a generation task: the share of examples whose extracted answer matches a reference."""
     where = f"task {spec.name!r}"
     prompts = [render(spec.prompt, record, where) for record in records]
-    references = [extract_answer(render(spec.reference, record, where), spec.reference_extract)
-                  for record in records]
+    references = []
+    for record in records:
+        accepted = render_references(spec.reference, record, where)
+        references.append([extract_answer(text, spec.reference_extract) for text in accepted])
     if progress is not None:
         progress.reset(total=len(prompts))
 
     outputs = generate_greedy(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, stop=spec.stop,
                               batch_size=batch_size, progress=progress)
     predictions = [extract_answer(output, spec.extract) for output in outputs]
-    correct = sum(answers_match(p, r, spec.metric_name) for p, r in zip(predictions, references))
+    correct = sum(answers_match(prediction, accepted, spec.metric_name, spec.normalize)
+                  for prediction, accepted in zip(predictions, references))
 
     n = len(records)
     score = correct / n
-    samples = [{"prompt": prompt, "output": output, "prediction": prediction, "reference": reference}
-               for prompt, output, prediction, reference in list(zip(prompts, outputs, predictions, references))[:3]]
+    # A sample's reference is a string, or the list of accepted answers when there are several.
+    samples = [{"prompt": prompt, "output": output, "prediction": prediction,
+                "reference": accepted[0] if len(accepted) == 1 else accepted}
+               for prompt, output, prediction, accepted in list(zip(prompts, outputs, predictions, references))[:3]]
     return {"metric": spec.metric_name, "score": score, "stderr": proportion_stderr(score, n), "n": n,
             "higher_is_better": True, "metrics": {spec.metric_name: score}, "samples": samples}

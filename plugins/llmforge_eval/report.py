@@ -1,7 +1,10 @@
 """The evaluation report: a JSON document (schema "llmforge.eval/1") and a compact text table.
 
-Per model and task: score, standard error, 95% interval (score +- 1.96 stderr), n, metric, whether
-the score came from the cache, and with a baseline the delta (model minus baseline). Per model: the
+Per model and task: score, standard error, 95% interval, n, metric, whether the score came from the
+cache, and with a baseline the delta (model minus baseline). The interval of a proportion (accuracy,
+exact or numeric match) is the Wilson score interval, which stays inside [0, 1] even for small n or
+scores near 0 or 1. A perplexity gets the normal interval score +- 1.96 stderr from its delta-method
+standard error. `ci95_method` names the interval ("wilson" or "normal"). Per model: the
 target score and the general score (means over the target and the general tasks) and their deltas.
 """
 
@@ -12,13 +15,29 @@ from typing import Any, Sequence
 
 SCHEMA = "llmforge.eval/1"
 Z_95 = 1.959964
+PROPORTION_METRICS = ("acc", "acc_norm", "exact_match", "numeric_match")
+
+
+def wilson_interval(p: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Return the Wilson score interval of a proportion p observed on n trials (n >= 1)."""
+    denominator = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denominator
+    half_width = z / denominator * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n))
+    # The exact bounds are 0 at p = 0 and 1 at p = 1, which rounding would miss by about 1e-17.
+    low = 0.0 if p <= 0.0 else max(0.0, center - half_width)
+    high = 1.0 if p >= 1.0 else min(1.0, center + half_width)
+    return low, high
 
 
 def _task_result(result: dict[str, Any], role: str, baseline_result: dict[str, Any] | None) -> dict[str, Any]:
     entry = {**result, "role": role}
     stderr = result.get("stderr")
-    if stderr is not None and math.isfinite(stderr):
+    if result.get("metric") in PROPORTION_METRICS and result.get("n"):
+        entry["ci95"] = list(wilson_interval(result["score"], result["n"]))
+        entry["ci95_method"] = "wilson"
+    elif stderr is not None and math.isfinite(stderr):
         entry["ci95"] = [result["score"] - Z_95 * stderr, result["score"] + Z_95 * stderr]
+        entry["ci95_method"] = "normal"
     if baseline_result is not None:
         entry["delta"] = result["score"] - baseline_result["score"]
     return entry

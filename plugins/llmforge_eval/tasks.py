@@ -28,6 +28,9 @@ from llmforge.errors import ForgeError
 KINDS = ("multiple_choice", "generate", "perplexity")
 EXTRACTORS = ("last_number", "first_line", "none")
 GENERATE_METRICS = ("exact_match", "numeric_match")
+# "squad" is the SQuAD-style answer normalisation: lowercase, drop ASCII punctuation and the articles
+# a/an/the, collapse whitespace. It applies to exact_match only.
+NORMALIZATIONS = ("none", "squad")
 CHOICE_METRICS = ("acc", "acc_norm")
 DATA_DIR_ENV = "FORGE_DATA_DIR"
 
@@ -50,12 +53,13 @@ class TaskSpec:
     continuation: str = " {choice}"
     answer: str | None = None
     answer_map: dict[str, int] | None = None
-    # generate
+    # generate; a reference that is a single placeholder of a list field gives several accepted answers
     reference: str | None = None
     reference_extract: str = "none"
     extract: str = "none"
     stop: list[str] = field(default_factory=list)
     max_new_tokens: int = 32
+    normalize: str = "none"
     # perplexity
     text_field: str | None = None
     max_length: int = 512
@@ -102,7 +106,8 @@ _TYPES = {
     "name": str, "kind": str, "data": str, "description": str, "prompt": str, "choices": (list, str, type(None)),
     "choice_text": (str, type(None)), "choice_label": (str, type(None)), "continuation": str,
     "answer": (str, type(None)), "answer_map": (dict, type(None)), "reference": (str, type(None)),
-    "reference_extract": str, "extract": str, "stop": list, "max_new_tokens": int, "text_field": (str, type(None)),
+    "reference_extract": str, "extract": str, "stop": list, "max_new_tokens": int, "normalize": str,
+    "text_field": (str, type(None)),
     "max_length": int, "stride": int, "metric": (str, type(None)),
 }
 
@@ -141,6 +146,10 @@ def _check_values(spec: TaskSpec) -> None:
             check_extractor(getattr(spec, name), f"{name} of {where}")
         if spec.max_new_tokens < 1:
             raise ForgeError(f"Invalid max_new_tokens {spec.max_new_tokens} in {where}; use 1 or more.")
+        if spec.normalize not in NORMALIZATIONS:
+            raise ForgeError(f"Invalid normalize {spec.normalize!r} in {where}; expected one of {', '.join(NORMALIZATIONS)}.")
+        if spec.normalize != "none" and spec.metric_name != "exact_match":
+            raise ForgeError(f"Invalid normalize {spec.normalize!r} in {where}: it applies to exact_match only.")
     else:
         if spec.metric not in (None, "perplexity"):
             raise ForgeError(f"Invalid metric {spec.metric!r} in {where}; perplexity tasks report 'perplexity'.")
@@ -184,7 +193,11 @@ def coerce_spec(item: dict | str | Path, source: str) -> TaskSpec:
 
 
 def resolve_data_path(spec: TaskSpec, data_dir: str | Path | None = None) -> Path:
-    """Locate the spec's data file: `demo:NAME`, `{data_dir}/...`, or a path relative to the spec file."""
+    """Locate the spec's data file: `demo:NAME`, `{data_dir}/...`, or a path relative to the spec file.
+
+    A relative data directory (--data-dir or $FORGE_DATA_DIR) is relative to the current directory.
+    Only a relative `data` path without {data_dir} is relative to the folder of the spec file.
+    """
     where = f"task {spec.name!r} ({spec.source})"
     data = spec.data
 
@@ -197,7 +210,8 @@ def resolve_data_path(spec: TaskSpec, data_dir: str | Path | None = None) -> Pat
         data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
         if not data_dir:
             raise ForgeError(f"Task {spec.name!r} reads {data}: pass --data-dir DIR or set ${DATA_DIR_ENV}.")
-        if not Path(data_dir).is_dir():
+        data_dir = Path(data_dir).expanduser().absolute()
+        if not data_dir.is_dir():
             raise ForgeError(f"Data directory not found: {data_dir} (needed by {where}).")
         data = data.replace("{data_dir}", str(data_dir))
 
@@ -218,6 +232,9 @@ def task_digest(spec: TaskSpec, data_path: Path) -> str:
     normalised = dataclasses.asdict(spec)
     for name in ("source", "data", "description"):
         normalised.pop(name)
+    # Leaving out the default keeps the digests, and so the cached scores, of specs written before the field.
+    if normalised["normalize"] == "none":
+        normalised.pop("normalize")
     normalised["data_digest"] = file_digest(data_path)
 
     text = json.dumps(normalised, sort_keys=True, separators=(",", ":"))
@@ -233,6 +250,21 @@ def render(template: str, record: dict, where: str) -> str:
         return str(field_value(record, match.group(1), where))
 
     return _PLACEHOLDER.sub(substitute, template)
+
+
+def render_references(template: str, record: dict, where: str) -> list[str]:
+    """Fill a reference template; a template that is one placeholder of a list field gives one item per answer."""
+    match = _PLACEHOLDER.fullmatch(template.strip())
+    if match is None or match.group(1) is None:
+        return [render(template, record, where)]
+
+    value = field_value(record, match.group(1), where)
+    if not isinstance(value, list):
+        return [render(template, record, where)]
+    if not value or not all(isinstance(item, (str, int, float)) for item in value):
+        raise ForgeError(f"Invalid reference list {value!r} in a record of {where}: "
+                         "expected a non-empty list of strings or numbers.")
+    return [str(item) for item in value]
 
 
 def field_value(record: dict, dotted: str, where: str) -> Any:
