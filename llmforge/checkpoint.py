@@ -65,21 +65,28 @@ def _temporary_name(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file beside ``path`` for writing; on success fsync it and rename it to ``path``."""
-    path = Path(path)
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; on success fsync that file and rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_name(path)
     try:
-        with open(temporary, mode, encoding=None if "b" in mode else "utf-8") as handle:
-            yield handle
-            handle.flush()
+        yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())  # writers such as safetensors recreate the file with mode 0600
+        with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file beside ``path`` for writing; on success fsync it and rename it to ``path``."""
+    with _replacing(Path(path)) as temporary:
+        with open(temporary, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
 
 
 def check_output_directory(path: Path, *, overwrite: bool, marker: str | None = RUN_RECORD_NAME) -> None:
@@ -231,20 +238,9 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, "torch.Tensor"], me
     """Write ``tensors`` as a safetensors file, atomically. Metadata values must be strings."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
-    temporary = _temporary_name(path)
-    try:
+    with _replacing(Path(path)) as temporary:
         save_file(contiguous, str(temporary), metadata=metadata)
-        os.chmod(temporary, 0o666 & ~_umask())  # save_file recreates the file with mode 0600
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
