@@ -42,7 +42,7 @@ _forge_command() {
             _forge_options=(--baseline --batch-size --data-dir --dtype --general --help --json --limit --list-tasks --model --no-cache --output --quiet --seed --target --task-file -h -o)
             ;;
         'forge finetune')
-            _forge_options=(--alpha --batch-size --bf16 --block-size --budget --column --completion-template --data --dropout --dry-run --epochs --format --grad-accum --help --json --limit --list-methods --lr --max-grad-norm --max-length --method --model --no-bf16 --output --overwrite --prompt-template --quiet --rank --schedule --seed --steps --target-modules --threads --warmup-steps -h -o)
+            _forge_options=(--alpha --batch-size --bf16 --block-size --budget --column --completion-template --data --dropout --dry-run --epochs --eval-data --eval-every --eval-split --format --grad-accum --help --json --limit --list-methods --lr --max-grad-norm --max-length --method --model --no-bf16 --output --overwrite --prompt-template --quiet --rank --resume --save-every --schedule --seed --steps --target-modules --threads --warmup-steps -h -o)
             ;;
         'forge models')
             _forge_options=(--help --json -h)
@@ -79,6 +79,9 @@ _forge_option_nargs() {
         'forge finetune|--data') _forge_nargs=1 ;;
         'forge finetune|--dropout') _forge_nargs=1 ;;
         'forge finetune|--epochs') _forge_nargs=1 ;;
+        'forge finetune|--eval-data') _forge_nargs=1 ;;
+        'forge finetune|--eval-every') _forge_nargs=1 ;;
+        'forge finetune|--eval-split') _forge_nargs=1 ;;
         'forge finetune|--format') _forge_nargs=1 ;;
         'forge finetune|--grad-accum') _forge_nargs=1 ;;
         'forge finetune|--limit') _forge_nargs=1 ;;
@@ -90,6 +93,7 @@ _forge_option_nargs() {
         'forge finetune|--output'|'forge finetune|-o') _forge_nargs=1 ;;
         'forge finetune|--prompt-template') _forge_nargs=1 ;;
         'forge finetune|--rank') _forge_nargs=1 ;;
+        'forge finetune|--save-every') _forge_nargs=1 ;;
         'forge finetune|--schedule') _forge_nargs=1 ;;
         'forge finetune|--seed') _forge_nargs=1 ;;
         'forge finetune|--steps') _forge_nargs=1 ;;

@@ -61,6 +61,12 @@ function __forge_option_nargs
             echo 1
         case 'finetune|--epochs'
             echo 1
+        case 'finetune|--eval-data'
+            echo 1
+        case 'finetune|--eval-every'
+            echo 1
+        case 'finetune|--eval-split'
+            echo 1
         case 'finetune|--format'
             echo 1
         case 'finetune|--grad-accum'
@@ -82,6 +88,8 @@ function __forge_option_nargs
         case 'finetune|--prompt-template'
             echo 1
         case 'finetune|--rank'
+            echo 1
+        case 'finetune|--save-every'
             echo 1
         case 'finetune|--schedule'
             echo 1
@@ -203,6 +211,9 @@ complete -c forge -n '__forge_at finetune' -l data -x -d 'Training data: a .json
 complete -c forge -n '__forge_at finetune' -l dropout -x -d 'Adapter dropout probability; default 0.05 for the LoRA family, else 0'
 complete -c forge -n '__forge_at finetune' -l dry-run -d 'Print the method, chosen size, exact trainable count and a memory estimate...'
 complete -c forge -n '__forge_at finetune' -l epochs -x -d 'Number of passes over the data; exclusive with --steps'
+complete -c forge -n '__forge_at finetune' -l eval-data -x -d 'Held-out data file (same format options as --data); exclusive with --eval-split'
+complete -c forge -n '__forge_at finetune' -l eval-every -x -d 'Compute the held-out loss every N steps (always after the last step when...'
+complete -c forge -n '__forge_at finetune' -l eval-split -x -d 'Fraction of the examples held out (chosen with --seed) for a held-out loss...'
 complete -c forge -n '__forge_at finetune' -l format -x -a 'auto chat instruction prompt-completion text' -d 'Record format; auto detects it from the field names'
 complete -c forge -n '__forge_at finetune' -l grad-accum -x -d 'Micro-batches per optimizer step'
 complete -c forge -n '__forge_at finetune' -l help -s h -d 'Show this message and exit'
@@ -219,6 +230,8 @@ complete -c forge -n '__forge_at finetune' -l overwrite -d 'Replace an existing 
 complete -c forge -n '__forge_at finetune' -l prompt-template -x -d 'Prompt built from record fields, e.g'
 complete -c forge -n '__forge_at finetune' -l quiet -d 'No progress bar and no summary on stderr'
 complete -c forge -n '__forge_at finetune' -l rank -x -d 'Rank r (LoRA family, AdaLoRA target rank, VeRA); default 8, VeRA 256'
+complete -c forge -n '__forge_at finetune' -l resume -d 'Continue an unfinished run from its last checkpoint in OUTPUT.partial/, the...'
+complete -c forge -n '__forge_at finetune' -l save-every -x -d 'Save a checkpoint every N steps: the adapter (or, for --method full, the...'
 complete -c forge -n '__forge_at finetune' -l schedule -x -a 'constant cosine' -d 'Learning-rate schedule after warmup'
 complete -c forge -n '__forge_at finetune' -l seed -x -d 'Seed for the adapter init, data order and dropout'
 complete -c forge -n '__forge_at finetune' -l steps -x -d 'Number of optimizer steps (default: one epoch)'

@@ -109,20 +109,35 @@ def print_plan(plan: dict) -> None:
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for torch (default: torch's choice, one per core). Use 1 when other jobs share the CPU.")
 @click.option("--limit", type=int, help="Use only the first N records of the data file.")
+@click.option("--eval-split", type=float, default=0.0, show_default=True,
+              help="Fraction of the examples held out (chosen with --seed) for a held-out loss; 0 turns it off.")
+@click.option("--eval-data", help="Held-out data file (same format options as --data); exclusive with --eval-split.")
+@click.option("--eval-every", type=int,
+              help="Compute the held-out loss every N steps (always after the last step when there is held-out data).")
+@click.option("--save-every", type=int,
+              help="Save a checkpoint every N steps: the adapter (or, for --method full, the trainable weights as "
+                   "safetensors) ends up in OUTPUT/checkpoints/step-NNNNNN/.")
+@click.option("--resume", is_flag=True,
+              help="Continue an unfinished run from its last checkpoint in OUTPUT.partial/, the in-progress directory "
+                   "beside OUTPUT. It contains checkpoints/step-NNNNNN/ and the newest state-NNNNNN/ with trainable "
+                   "weights, AdamW state, scheduler step, torch and Python random states, data order position and "
+                   "the run settings; other settings than the saved ones are rejected (after a NaN stop, --lr and "
+                   "--max-grad-norm may change). A finished run removes OUTPUT.partial/.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary (or the dry-run plan, or the method list) as one JSON document on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary on stderr.")
 def finetune_command(model, data, output, fmt, prompt_template, completion_template, columns, method, list_methods,
                      rank, alpha, dropout, block_size, target_modules, budget, dry_run, steps, epochs, batch_size,
                      grad_accum, lr, warmup_steps, schedule, max_grad_norm, max_length, seed, bf16, threads, limit,
-                     overwrite, as_json, quiet):
+                     eval_split, eval_data, eval_every, save_every, resume, overwrite, as_json, quiet):
     """Fine-tune a model with a PEFT method (or fully) on a data file and write the result.
 
     The loss covers completion tokens only (all tokens for plain text). PEFT methods write a
     PEFT adapter directory (adapter_config.json, adapter_model.safetensors); --method full
     writes a Hugging Face model directory. Both contain forge_run.json, the run record with the
-    command, versions, input digests, method options, hyper-parameters, loss curve and
-    throughput. Other forge commands accept the directory as a model reference. The run's task
+    command, versions, input digests, method options, hyper-parameters, loss curve, held-out
+    loss curve and throughput. With --save-every, the run keeps its in-progress state in
+    OUTPUT.partial/ so that --resume can continue it after a crash or kill. Other forge commands accept the directory as a model reference. The run's task
     vector (fine-tuned minus base weights) is stored in the cache.
 
     Example: forge finetune --model smollm2-135m --data demo:arith/train.jsonl -o arith-oft --method oft --budget 2.4M
@@ -153,7 +168,8 @@ def finetune_command(model, data, output, fmt, prompt_template, completion_templ
                             lr=spec.lr if lr is None else lr, warmup_steps=warmup_steps, schedule=schedule,
                             max_grad_norm=max_grad_norm, seed=seed, precision="bf16" if bf16 else "fp32"),
         budget=None if budget is None else parse_budget(budget), max_length=max_length, limit=limit,
-        overwrite=overwrite, progress=not quiet, dry_run=dry_run,
+        overwrite=overwrite, progress=not quiet, dry_run=dry_run, eval_split=eval_split, eval_data=eval_data,
+        eval_every=eval_every, save_every=save_every, resume=resume,
     )
     summary = run_finetune(request, command=["forge", *sys.argv[1:]] if sys.argv else None)
 
@@ -168,7 +184,8 @@ def finetune_command(model, data, output, fmt, prompt_template, completion_templ
         click.echo(f"finetune: {summary['method']}, {summary['steps']} steps, {summary['tokens']} tokens in "
                    f"{summary['seconds']:.1f} s ({summary['tokens_per_second']:.0f} tokens/s), "
                    f"{summary['trainable_parameters']} trainable parameters, "
-                   f"loss {loss:.4f} (mean of the last {summary['final_train_loss_steps']} steps); "
-                   f"output written to {summary['output']}", err=True)
+                   f"loss {loss:.4f} (mean of the last {summary['final_train_loss_steps']} steps)"
+                   + ("" if summary["final_eval_loss"] is None else f", held-out loss {summary['final_eval_loss']:.4f}")
+                   + f"; output written to {summary['output']}", err=True)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,11 @@ def full_task_vector(model, base_dir: Path) -> dict[str, Any]:
 
 
 def write_run(request, spec: MethodSpec, trained, *, base_digest: str, base_dir: Path, tokenizer, fields: dict,
-              command, cache, initial_factors: dict | None) -> None:
+              command, cache, initial_factors: dict | None, checkpoints_dir: Path | None = None) -> None:
     """Write the output directory atomically and store the run's task vector in the cache.
+
+    `checkpoints_dir` (the intermediate checkpoints in OUTPUT.partial) is hard-linked into the
+    output as checkpoints/, so the partial directory can be removed afterwards.
 
     Adapters are keyed CacheKey("task-vector", {base, adapter}, {}); full fine-tuning, whose
     output is a whole model, CacheKey("task-vector", {base, tuned}, {}). The run record names the key.
@@ -86,5 +91,7 @@ def write_run(request, spec: MethodSpec, trained, *, base_digest: str, base_dir:
                     "base_digest": base_digest, "tuned_digest": tuned, "method": spec.name}
         cache.get_or_compute(key, compute, metadata=metadata)
 
+        if checkpoints_dir is not None:
+            shutil.copytree(checkpoints_dir, directory / "checkpoints", copy_function=os.link)
         record = run_record(command, **fields, **digest_field, task_vector_cache_key=key.as_dict())
         write_json(directory / RUN_RECORD_NAME, record)

@@ -43,6 +43,11 @@ class FinetuneRequest:
     overwrite: bool = False
     progress: bool = True
     dry_run: bool = False
+    eval_split: float = 0.0
+    eval_data: str | None = None
+    eval_every: int | None = None
+    save_every: int | None = None
+    resume: bool = False
 
     def validate(self) -> tuple[MethodSpec, dict[str, Any]]:
         """Raise ForgeError on invalid settings before anything is loaded; return the method and its option values."""
@@ -57,12 +62,25 @@ class FinetuneRequest:
             raise ForgeError(f"invalid --max-length {self.max_length}; it must be at least 2 tokens")
         if self.limit is not None and self.limit <= 0:
             raise ForgeError(f"invalid --limit {self.limit}; it must be a positive number of records")
+        self._validate_loop_options()
         if self.dry_run:
             return spec, values
         if self.data is None or self.output is None:
             raise ForgeError("missing --data or --output; both are required unless --dry-run is given")
         check_output_directory(Path(self.output), overwrite=self.overwrite)
         return spec, values
+
+    def _validate_loop_options(self) -> None:
+        if not 0 <= self.eval_split < 1:
+            raise ForgeError(f"invalid --eval-split {self.eval_split}; it must be a fraction in [0, 1)")
+        if self.eval_split > 0 and self.eval_data is not None:
+            raise ForgeError("pass either --eval-split or --eval-data, not both")
+        if self.eval_every is not None and self.eval_every <= 0:
+            raise ForgeError(f"invalid --eval-every {self.eval_every}; it must be a positive number of steps")
+        if self.eval_every is not None and self.eval_split == 0 and self.eval_data is None:
+            raise ForgeError("--eval-every needs held-out data: pass --eval-split F or --eval-data PATH")
+        if self.save_every is not None and self.save_every <= 0:
+            raise ForgeError(f"invalid --save-every {self.save_every}; it must be a positive number of steps")
 
 
 def stored_base_reference(reference: str) -> str:
@@ -141,33 +159,115 @@ def run_finetune(request: FinetuneRequest, *, command: list[str] | None = None, 
     return _train_and_write(request, plan, command, cache)
 
 
+def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Return (train, held-out): a seeded random `fraction` of the examples (at least one) is held out."""
+    import random
+
+    if fraction == 0:
+        return list(examples), []
+    held_count = max(1, round(fraction * len(examples)))
+    if held_count >= len(examples):
+        raise ForgeError(f"invalid --eval-split {fraction}: it holds out {held_count} of {len(examples)} examples, "
+                         "which leaves none to train on; lower it or add data")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:held_count])
+    return ([e for i, e in enumerate(examples) if i not in held_out],
+            [e for i, e in enumerate(examples) if i in held_out])
+
+
+def resume_settings(request: FinetuneRequest, spec: MethodSpec, plan: dict, settings: TrainSettings, *,
+                    model_digest: str, data_digest: str, eval_digest: str | None) -> dict[str, Any]:
+    """Return the settings that decide the trained weights, keyed by option flag, for comparison on --resume."""
+    from llmforge_finetune.methods import OPTION_FLAGS
+
+    values = {
+        "--model": model_digest, "--data": data_digest, "--format": request.fmt, "--column": request.columns,
+        "--prompt-template": request.prompt_template, "--completion-template": request.completion_template,
+        "--max-length": request.max_length, "--limit": request.limit, "--eval-split": request.eval_split,
+        "--eval-data": eval_digest, "--method": spec.name,
+    }
+    for name, value in plan["options"].items():
+        values[OPTION_FLAGS.get(name, "--" + name.replace("_", "-"))] = value
+    for name, value in dataclasses.asdict(settings).items():
+        values["--bf16/--no-bf16" if name == "precision" else "--" + name.replace("_", "-")] = value
+    return values
+
+
+def _read_tokenized(spec_or_path: str, request: FinetuneRequest, tokenizer, *, limit: int | None = None):
+    """Read, format and tokenize a data file; return (path, record count, tokenized examples, stats)."""
+    from llmforge.data import TokenizeStats, read_records, resolve_data_path, to_examples, tokenize_examples
+
+    path = resolve_data_path(spec_or_path)
+    records = read_records(path)
+    if limit is not None:
+        records = records[:limit]
+    examples = to_examples(records, tokenizer, fmt=request.fmt, columns=request.columns,
+                           prompt_template=request.prompt_template, completion_template=request.completion_template)
+    stats = TokenizeStats()
+    tokenized = tokenize_examples(examples, tokenizer, max_length=request.max_length, stats=stats)
+    return path, len(records), tokenized, stats
+
+
+def _open_partial(request: FinetuneRequest, spec: MethodSpec, plan: dict, settings: TrainSettings, cache):
+    """Digest the inputs and open the run's OUTPUT.partial directory, before any weights are loaded."""
+    from llmforge.checkpoint import file_digest
+    from llmforge.data import resolve_data_path
+    from llmforge.models import model_digest
+
+    from llmforge_finetune.resume import PartialRun
+
+    data_digest = file_digest(resolve_data_path(request.data))
+    eval_digest = file_digest(resolve_data_path(request.eval_data)) if request.eval_data else None
+    values = resume_settings(request, spec, plan, settings, model_digest=model_digest(request.model, cache=cache),
+                             data_digest=data_digest, eval_digest=eval_digest)
+    return PartialRun.open(Path(request.output), values, save_every=request.save_every, resume=request.resume,
+                           overwrite=request.overwrite)
+
+
+def checkpoint_writer(spec: MethodSpec, trained, *, initial_factors, base_reference: str, base_digest: str):
+    """Return save(directory, step): a PEFT adapter directory, or for `full` the trainable parameters as safetensors."""
+    from llmforge.checkpoint import save_tensors, write_json
+
+    from llmforge_finetune.adapters import save_adapter
+
+    def save(directory: Path, step: int) -> None:
+        note = {"step": step, "method": spec.name, "base_reference": base_reference, "base_digest": base_digest}
+        if spec.name == "full":
+            tensors = {name: p for name, p in trained.named_parameters() if p.requires_grad}
+            save_tensors(directory / "trainable.safetensors", tensors)
+            note["contents"] = ("trainable parameters of the full model at this step, by parameter name; "
+                                "the other files of the model are those of the base")
+        else:
+            save_adapter(trained, directory, spec, initial_factors)
+        write_json(directory / "forge_checkpoint.json", note)
+
+    return save
+
+
 def _train_and_write(request: FinetuneRequest, plan: dict, command, cache) -> dict[str, Any]:
     import torch
 
     from llmforge.checkpoint import file_digest
-    from llmforge.data import TokenizeStats, read_records, resolve_data_path, to_examples, tokenize_examples
     from llmforge.models import load_model, load_tokenizer
 
     from llmforge_finetune.adapters import adalora_hooks, count_trainable, initial_lora_factors, wrap_model
     from llmforge_finetune.output import write_run
-    from llmforge_finetune.train import train
+    from llmforge_finetune.train import HeldOut, train
 
     spec = get_method(plan["method"])
     settings = training_precision(spec, request.train)
+    partial = _open_partial(request, spec, plan, settings, cache)
     if not request.progress:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
 
-    data_path = resolve_data_path(request.data)
-    records = read_records(data_path)
-    if request.limit is not None:
-        records = records[:request.limit]
     tokenizer = load_tokenizer(request.model, cache=cache)
-    examples = to_examples(records, tokenizer, fmt=request.fmt, columns=request.columns,
-                           prompt_template=request.prompt_template, completion_template=request.completion_template)
-    stats = TokenizeStats()
-    tokenized = tokenize_examples(examples, tokenizer, max_length=request.max_length, stats=stats)
+    data_path, record_count, tokenized, stats = _read_tokenized(request.data, request, tokenizer, limit=request.limit)
+    tokenized, held_out = split_held_out(tokenized, request.eval_split, settings.seed)
+    if request.eval_data is not None:
+        held_out = _read_tokenized(request.eval_data, request, tokenizer)[2]
 
     dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
     loaded = load_model(request.model, dtype=dtype, cache=cache)
@@ -175,14 +275,51 @@ def _train_and_write(request: FinetuneRequest, plan: dict, command, cache) -> di
     total_steps = settings.total_steps(math.ceil(len(tokenized) / settings.batch_size))
     trained = wrap_model(loaded.model, spec, plan["options"], total_steps=total_steps)
     initial_factors = initial_lora_factors(trained) if spec.mutated_init else None
-    trainable = count_trainable(trained)
+    base_reference = stored_base_reference(request.model)
+    if spec.name != "full":
+        trained.peft_config["default"].base_model_name_or_path = base_reference
+    partial.save_checkpoint = checkpoint_writer(spec, trained, initial_factors=initial_factors,
+                                                base_reference=base_reference, base_digest=loaded.digest)
     step_hook, regularizer = adalora_hooks(trained, spec)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     result = train(trained, tokenized, settings, pad_token_id=pad_id, progress=request.progress,
-                   step_hook=step_hook, regularizer=regularizer)
+                   step_hook=step_hook, regularizer=regularizer,
+                   held_out=HeldOut(held_out, request.eval_every) if held_out else None, partial=partial)
 
     inputs = {"base_model": loaded.digest, "data": file_digest(data_path)}
-    summary = {
+    summary = _summary(request, spec, plan, result, count_trainable(trained), partial)
+    fields = {
+        "schema": RECORD_SCHEMA,
+        "base_reference": base_reference,
+        "base_digest": loaded.digest,
+        "data": {"spec": request.data, "path": str(Path(data_path).resolve()), "digest": inputs["data"],
+                 "records": record_count, "examples": stats.total, "truncated": stats.truncated,
+                 "dropped": stats.dropped, "format": request.fmt, "columns": request.columns,
+                 "prompt_template": request.prompt_template, "completion_template": request.completion_template,
+                 "max_length": request.max_length, "train_examples": len(tokenized),
+                 "eval_examples": len(held_out), "eval_split": request.eval_split, "eval_data": request.eval_data},
+        "inputs": inputs,
+        "seed": settings.seed,
+        "method_options": plan["options"],
+        "budget": plan["budget"],
+        "hyperparameters": {**plan["options"], **result.settings},
+        "loss_curve": result.loss_curve,
+        "eval_curve": result.eval_curve,
+        "eval_every": request.eval_every,
+        "save_every": request.save_every,
+        "resumes": partial.resumes,
+        **summary,
+    }
+    checkpoints = partial.directory / "checkpoints"
+    write_run(request, spec, trained, base_digest=loaded.digest, base_dir=plan["model_dir"], tokenizer=tokenizer,
+              fields=fields, command=command, cache=cache, initial_factors=initial_factors,
+              checkpoints_dir=checkpoints if checkpoints.is_dir() else None)
+    partial.discard()
+    return summary
+
+
+def _summary(request: FinetuneRequest, spec: MethodSpec, plan: dict, result, trainable: int, partial) -> dict:
+    return {
         "output": str(Path(request.output).resolve()),
         "method": spec.name,
         "size_option": plan["size_option"],
@@ -196,23 +333,7 @@ def _train_and_write(request: FinetuneRequest, plan: dict, command, cache) -> di
         "final_train_loss": round(result.final_loss, 6) if result.final_loss is not None else None,
         "final_train_loss_steps": min(10, len(result.loss_curve)),
         "last_step_loss": round(result.loss_curve[-1], 6) if result.loss_curve else None,
+        "final_eval_loss": result.final_eval_loss,
+        "checkpoints": [f"checkpoints/step-{step:06d}" for step in partial.checkpoint_steps()],
+        "resumed_from_step": partial.restored.step if partial.restored is not None else None,
     }
-    fields = {
-        "schema": RECORD_SCHEMA,
-        "base_reference": stored_base_reference(request.model),
-        "base_digest": loaded.digest,
-        "data": {"spec": request.data, "path": str(Path(data_path).resolve()), "digest": inputs["data"], "records": len(records),
-                 "examples": stats.total, "truncated": stats.truncated, "dropped": stats.dropped,
-                 "format": request.fmt, "columns": request.columns, "prompt_template": request.prompt_template,
-                 "completion_template": request.completion_template, "max_length": request.max_length},
-        "inputs": inputs,
-        "seed": settings.seed,
-        "method_options": plan["options"],
-        "budget": plan["budget"],
-        "hyperparameters": {**plan["options"], **result.settings},
-        "loss_curve": result.loss_curve,
-        **summary,
-    }
-    write_run(request, spec, trained, base_digest=loaded.digest, base_dir=plan["model_dir"], tokenizer=tokenizer,
-              fields=fields, command=command, cache=cache, initial_factors=initial_factors)
-    return summary

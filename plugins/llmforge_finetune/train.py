@@ -84,12 +84,13 @@ class TrainSettings:
 
 @dataclass
 class TrainResult:
-    """Outcome of a training run: per-step loss, token counts and time."""
+    """Outcome of a training run: per-step loss, held-out loss as [step, loss] pairs, token counts and time."""
 
     steps: int
     tokens: int
     seconds: float
     loss_curve: list[float] = field(default_factory=list)
+    eval_curve: list[list[float]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -102,6 +103,11 @@ class TrainResult:
         """Mean loss of the last 10 steps, or None before the first step."""
         tail = self.loss_curve[-10:]
         return sum(tail) / len(tail) if tail else None
+
+    @property
+    def final_eval_loss(self) -> float | None:
+        """Held-out loss after the last step, or None without held-out data."""
+        return self.eval_curve[-1][1] if self.eval_curve else None
 
 
 def learning_rate(step: int, *, base: float, warmup: int, total: int, schedule: str) -> float:
@@ -175,15 +181,30 @@ class MasterWeights:
                 param.grad = None
 
 
+@dataclass
+class HeldOut:
+    """Held-out examples whose mean loss is computed every `every` steps and after the last step."""
+
+    examples: Sequence[TokenizedExample]
+    every: int | None = None
+
+    def is_due(self, step: int, total: int) -> bool:
+        """Return True when the held-out loss is computed after `step` (1-based)."""
+        return step == total or (self.every is not None and step % self.every == 0)
+
+
 def train(model, examples: Sequence[TokenizedExample], settings: TrainSettings, *, pad_token_id: int,
           progress: bool = True, step_hook: Callable[[int], None] | None = None,
-          regularizer: Callable[[], Any] | None = None) -> TrainResult:
+          regularizer: Callable[[], Any] | None = None, held_out: HeldOut | None = None,
+          partial=None) -> TrainResult:
     """Train the trainable parameters of `model` on `examples` and return the loss curve and counts.
 
     `regularizer()` returns a loss term added to every micro-batch loss (the loss curve records the
     completion loss without it). `step_hook(step)` runs after each optimizer step while the model's
     gradients are still set. With bf16 master weights the masters overwrite the model's parameters
     after the hook, so methods that edit parameters in the hook must train in fp32.
+    `held_out` adds the eval curve. `partial` (a `resume.PartialRun`) restores a saved state before
+    the first step and saves one at its checkpoint steps.
     Raises ForgeError when the loss becomes NaN or infinite (the usual cause is a too high --lr).
     """
     import torch
@@ -191,29 +212,28 @@ def train(model, examples: Sequence[TokenizedExample], settings: TrainSettings, 
 
     settings.validate()
     torch.manual_seed(settings.seed)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ForgeError("the model has no trainable parameters")
-    low_precision = trainable[0].dtype != torch.float32
-    masters = MasterWeights(trainable) if low_precision else None
-    optimizer = torch.optim.AdamW(masters.masters if masters else trainable, lr=settings.lr,
-                                  weight_decay=settings.weight_decay)
+    named, masters, optimizer = _make_optimizer(model, settings)
+    trainable = [p for _, p in named]
 
     batches_per_epoch = math.ceil(len(examples) / settings.batch_size)
     total = settings.total_steps(batches_per_epoch)
     warmup = settings.warmup(total)
-    batches = _batch_stream(examples, settings, pad_token_id)
+    result = TrainResult(steps=0, tokens=0, seconds=0.0, settings=asdict(settings))
+    restored = partial.restore(named, masters, optimizer, model) if partial is not None else None
+    first = 0 if restored is None else restored.step
+    if restored is not None:
+        result.steps, result.tokens, result.seconds = restored.step, restored.tokens, restored.seconds
+        result.loss_curve, result.eval_curve = list(restored.loss_curve), [list(p) for p in restored.eval_curve]
+    batches = _batch_stream(examples, settings, pad_token_id, skip=first * settings.grad_accum)
 
     model.train()
-    result = TrainResult(steps=0, tokens=0, seconds=0.0, settings=asdict(settings))
-    bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)
-    start = time.perf_counter()
-    for step in range(total):
+    bar = tqdm(total=total, initial=first, desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter() - result.seconds
+    for step in range(first, total):
         loss, tokens = _accumulate(model, batches, settings, regularizer)
         if not math.isfinite(loss):
             bar.close()
-            raise ForgeError(f"the training loss became {loss} at step {step + 1}; lower --lr "
-                             f"(now {settings.lr}) or --max-grad-norm, or check the data")
+            _raise_non_finite(loss, step + 1, settings, partial)
 
         lr = learning_rate(step, base=settings.lr, warmup=warmup, total=total, schedule=settings.schedule)
         _optimizer_step(optimizer, masters, trainable, settings.max_grad_norm, lr,
@@ -222,8 +242,17 @@ def train(model, examples: Sequence[TokenizedExample], settings: TrainSettings, 
         result.steps += 1
         result.tokens += tokens
         result.loss_curve.append(round(loss, 5))
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+        if held_out is not None and held_out.is_due(step + 1, total):
+            eval_loss = evaluate_loss(model, held_out.examples, settings, pad_token_id=pad_token_id)
+            result.eval_curve.append([step + 1, round(eval_loss, 6)])
+        if result.eval_curve:
+            postfix["eval_loss"] = f"{result.eval_curve[-1][1]:.4f}"
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(postfix)
+        if partial is not None and partial.is_due(step + 1, total):
+            result.seconds = time.perf_counter() - start
+            partial.save(step + 1, result, named, masters, optimizer, model)
 
     result.seconds = time.perf_counter() - start
     bar.close()
@@ -233,12 +262,70 @@ def train(model, examples: Sequence[TokenizedExample], settings: TrainSettings, 
     return result
 
 
-def _batch_stream(examples, settings: TrainSettings, pad_token_id: int):
-    """Yield batches forever, epoch after epoch, each epoch in a new seeded order."""
-    epoch = 0
+def _make_optimizer(model, settings: TrainSettings):
+    """Return the named trainable parameters, their fp32 masters (None when they are fp32) and AdamW over them."""
+    import torch
+
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ForgeError("the model has no trainable parameters")
+    trainable = [p for _, p in named]
+    masters = MasterWeights(trainable) if trainable[0].dtype != torch.float32 else None
+    optimizer = torch.optim.AdamW(masters.masters if masters else trainable, lr=settings.lr,
+                                  weight_decay=settings.weight_decay)
+    return named, masters, optimizer
+
+
+def _raise_non_finite(loss: float, step: int, settings: TrainSettings, partial) -> None:
+    message = (f"the training loss became {loss} at step {step}; lower --lr (now {settings.lr}) or "
+               "--max-grad-norm, or check the data")
+    if partial is not None:
+        message += "; " + partial.stop_message(step, loss)
+    raise ForgeError(message)
+
+
+def evaluate_loss(model, examples: Sequence[TokenizedExample], settings: TrainSettings, *, pad_token_id: int) -> float:
+    """Return the mean completion loss over all labelled tokens of `examples`, without gradients.
+
+    Batches are weighted by their labelled-token count, so the result does not depend on the batch
+    size. The model is put in eval mode (no dropout, which also leaves the random generators
+    untouched) and back in train mode afterwards.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    loss_sum = 0.0
+    count = 0
+    with torch.inference_mode():
+        for batch in make_batches(examples, settings.batch_size, pad_token_id=pad_token_id, seed=0):
+            labelled = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+            if labelled == 0:
+                continue
+            if settings.precision == "autocast":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = completion_loss(model, batch)
+            else:
+                loss = completion_loss(model, batch)
+            loss_sum += loss.item() * labelled
+            count += labelled
+    if was_training:
+        model.train()
+    return loss_sum / count if count else math.nan
+
+
+def _batch_stream(examples, settings: TrainSettings, pad_token_id: int, *, skip: int = 0):
+    """Yield batches forever, epoch after epoch, each epoch in a new seeded order; skip the first `skip` batches.
+
+    The order depends only on the seed and the epoch, so a resumed run that skips the batches it
+    has already trained on sees the same batches as an uninterrupted run.
+    """
+    batches_per_epoch = math.ceil(len(examples) / settings.batch_size)
+    epoch, offset = divmod(skip, batches_per_epoch)
     while True:
-        yield from make_batches(examples, settings.batch_size, pad_token_id=pad_token_id,
-                                seed=settings.seed + epoch)
+        batches = make_batches(examples, settings.batch_size, pad_token_id=pad_token_id, seed=settings.seed + epoch)
+        yield from batches[offset:]
+        offset = 0
         epoch += 1
 
 
