@@ -9,7 +9,7 @@ _forge_command() {
     case "$1" in
         'forge')
             _forge_subcommands=(cache completion eval finetune models plugins)
-            _forge_options=(--debug --help --version -h)
+            _forge_options=(--allow-pickle --debug --help --version -h)
             ;;
         'forge cache')
             _forge_subcommands=(gc info ls rm verify)

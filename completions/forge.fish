@@ -139,6 +139,7 @@ complete -c forge -n '__forge_at' -a 'eval' -d 'Evaluate models on target and ge
 complete -c forge -n '__forge_at' -a 'finetune' -d 'Fine-tune a model with a PEFT method (or fully) on a data file and write the...'
 complete -c forge -n '__forge_at' -a 'models' -d 'List the built-in models, whether their package is installed, and whether a...'
 complete -c forge -n '__forge_at' -a 'plugins' -d 'List the loaded plugins with their versions and hooks, and the plugins that...'
+complete -c forge -n '__forge_at' -l allow-pickle -d 'Allow model weights stored as pickle files (.bin, .pt); they are read with...'
 complete -c forge -n '__forge_at' -l debug -d 'Show the full traceback of an error'
 complete -c forge -n '__forge_at' -l help -s h -d 'Show this message and exit'
 complete -c forge -n '__forge_at' -l version -d 'Show the version and exit'

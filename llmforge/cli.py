@@ -52,13 +52,17 @@ def print_json(document) -> None:
 @click.group(cls=ForgeGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "--version", prog_name="forge")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
-def cli(debug: bool) -> None:
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow model weights stored as pickle files (.bin, .pt); they are read with weights_only loading.")
+def cli(debug: bool, allow_pickle: bool) -> None:
     """Adapt language models: fine-tune them and evaluate what they learned and what they kept.
 
     Models are named by one reference everywhere: a built-in name (see `forge models`), a Hugging
     Face model directory, a .gguf file, or a PEFT adapter directory. Computed tensors are shared
     between commands through one cache ($FORGE_CACHE, see `forge cache`).
     """
+    if allow_pickle:
+        os.environ["FORGE_ALLOW_PICKLE"] = "1"
 
 
 @cli.command(name="plugins")

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 # Bump when the conversion output changes, so that old converted copies are not reused.
 CONVERSION_VERSION = "1"
 PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
+# Set to 1 by `forge --allow-pickle`; transformers then reads pickle weights with torch.load(weights_only=True).
+ALLOW_PICKLE_ENV = "FORGE_ALLOW_PICKLE"
 
 
 @dataclass(frozen=True)
@@ -318,7 +320,7 @@ def _resolve_directory(reference: str, directory: Path, cache: Cache, allow_pick
     if not has_safetensors and has_pickle and not allow_pickle:
         raise ForgeError(
             f"{directory} stores its weights as pickle files, which can run code when loaded; convert them to "
-            "safetensors, or pass --allow-pickle if you trust the source"
+            "safetensors, or run `forge --allow-pickle ...` if you trust the source"
         )
     if not has_safetensors and not has_pickle:
         raise ForgeError(f"{directory} has a config.json but no weight files (*.safetensors)")
@@ -327,9 +329,17 @@ def _resolve_directory(reference: str, directory: Path, cache: Cache, allow_pick
     return ResolvedModel(reference, directory)
 
 
-def resolve(reference: str, *, cache: Cache | None = None, allow_pickle: bool = False) -> ResolvedModel:
+def pickle_allowed(allow_pickle: bool | None) -> bool:
+    """Return the explicit choice, else whether ``forge --allow-pickle`` set ``$FORGE_ALLOW_PICKLE`` to 1."""
+    if allow_pickle is not None:
+        return allow_pickle
+    return os.environ.get(ALLOW_PICKLE_ENV) == "1"
+
+
+def resolve(reference: str, *, cache: Cache | None = None, allow_pickle: bool | None = None) -> ResolvedModel:
     """Resolve a model reference to directories on disk, converting a GGUF file once if needed."""
     cache = cache or Cache()
+    allow_pickle = pickle_allowed(allow_pickle)
     for source in _plugin_sources():
         path = source.resolve(reference, cache)
         if path is not None:
@@ -362,7 +372,7 @@ def _hub_snapshot(repository: str) -> Path:
         raise ForgeError(f"could not fetch hf:{repository} from the Hugging Face Hub ({type(error).__name__}); this needs network access") from None
 
 
-def model_digest(reference: str, *, cache: Cache | None = None, allow_pickle: bool = False) -> str:
+def model_digest(reference: str, *, cache: Cache | None = None, allow_pickle: bool | None = None) -> str:
     """Return the content digest of a model reference without loading its weights into a model."""
     cache = cache or Cache()
     resolved = resolve(reference, cache=cache, allow_pickle=allow_pickle)
@@ -416,7 +426,7 @@ def load_model(
     *,
     dtype: "torch.dtype | str | None" = None,
     cache: Cache | None = None,
-    allow_pickle: bool = False,
+    allow_pickle: bool | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a model reference as (model, tokenizer) in eval mode, with its content digest.
@@ -427,6 +437,7 @@ def load_model(
     import torch
 
     cache = cache or Cache()
+    allow_pickle = pickle_allowed(allow_pickle)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
     resolved = resolve(reference, cache=cache, allow_pickle=allow_pickle)
     digest = _resolved_digest(resolved, cache)

@@ -73,7 +73,7 @@ def test_pickle_weights_rejected_by_default(tiny_model_dir, tmp_path):
     shutil.copy(tiny_model_dir / "config.json", directory)
     (directory / "pytorch_model.bin").write_bytes(b"not loaded")
 
-    with pytest.raises(ForgeError, match="pickle.*--allow-pickle"):
+    with pytest.raises(ForgeError, match="pickle.*forge --allow-pickle"):
         resolve(str(directory))
 
 
@@ -176,3 +176,38 @@ def test_cache_path_that_is_a_file(tmp_path):
 
     with pytest.raises(ForgeError, match="is a file, not a directory"):
         Cache(file)
+
+
+def test_pickle_weights_load_when_allowed(tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    directory = tmp_path / "pickled"
+    directory.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, directory)
+    state = load_file(tiny_model_dir / "model.safetensors")
+    torch.save(state, directory / "pytorch_model.bin")
+    reference = load_model(str(tiny_model_dir))
+
+    monkeypatch.setenv("FORGE_ALLOW_PICKLE", "1")
+    loaded = load_model(str(directory))
+
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, reference.model(ids).logits)
+    assert loaded.digest != reference.digest
+
+
+def test_allow_pickle_flag_sets_environment(monkeypatch):
+    from click.testing import CliRunner
+
+    from llmforge.cli import cli
+
+    monkeypatch.delenv("FORGE_ALLOW_PICKLE", raising=False)
+    result = CliRunner().invoke(cli, ["--allow-pickle", "models", "--json"])
+
+    assert result.exit_code == 0
+    import os
+
+    assert os.environ.get("FORGE_ALLOW_PICKLE") == "1"
+    monkeypatch.delenv("FORGE_ALLOW_PICKLE", raising=False)
