@@ -39,6 +39,8 @@ test-fast: $(BIN)/forge
 
 bench: $(BIN)/forge
 	$(BIN)/python benchmarks/bench_model_load.py
+	$(BIN)/python benchmarks/bench_eval_cache.py
+	$(BIN)/python benchmarks/bench_finetune.py
 
 completions: $(BIN)/forge
 	$(BIN)/python -m llmforge.completion --write completions
