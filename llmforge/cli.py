@@ -35,8 +35,8 @@ class ForgeGroup(click.Group):
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
         except OSError as error:
-            # File system failures (a parent path that is a file, no permission, disk full) are
-            # the user's to fix; name the path instead of printing a traceback.
+            # The user can fix file system failures such as a parent path that is a file, a missing
+            # permission or a full disk, so name the path instead of printing a traceback.
             if ctx.find_root().params.get("debug") or isinstance(error, BrokenPipeError):
                 raise
             where = f": {error.filename}" if error.filename else ""

@@ -156,8 +156,8 @@ def _file_hash(path: Path, cache: Cache | None) -> str:
 def directory_model_digest(directory: Path, cache: Cache | None) -> str:
     """Return the digest of an HF model directory: its config and its safetensors weight files.
 
-    With a cache, the file digests are remembered there; pass None for a directory that is about
-    to move (a temporary output), so that no entry names its temporary path.
+    With a cache, the file digests are remembered there. Pass None for a directory that is about
+    to move (a temporary output), so that no cache entry names its temporary path.
     """
     digest = hashlib.sha256()
     weights = sorted(p.name for p in directory.glob("*.safetensors"))
