@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The `forge` script of the environment that runs pytest, so subprocess tests run this checkout.
+FORGE = Path(sys.executable).parent / "forge"
 
 
 def smollm2_gguf_path() -> Path | None:
@@ -97,3 +101,12 @@ def forge_env(isolated_cache) -> dict[str, str]:
     env = dict(os.environ)
     env["FORGE_CACHE"] = str(isolated_cache)
     return env
+
+
+@pytest.fixture
+def qa_data(tmp_path) -> Path:
+    """Twelve question/answer records (small sums) as JSONL, for fine-tuning tests."""
+    path = tmp_path / "qa.jsonl"
+    records = [{"question": f"What is {a} plus {b}?", "answer": str(a + b)} for a in range(3) for b in range(4)]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path

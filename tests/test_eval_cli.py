@@ -14,7 +14,8 @@ from llmforge.cli import cli
 from llmforge_eval.evaluate import evaluate
 from llmforge_eval.tasks import parse_spec, resolve_data_path, task_digest
 
-FORGE = Path("/work/venv/bin/forge")
+from conftest import FORGE, SHARED_DATA
+
 
 
 def write_tasks(folder: Path) -> dict[str, Path]:
@@ -235,7 +236,6 @@ def test_installed_script_table_and_json(tiny_model_dir, tmp_path, forge_env):
 
 
 def test_adapter_model_scores_all_kinds(tiny_model_dir, tmp_path):
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -289,7 +289,7 @@ def test_spec_relative_data_stays_spec_relative(tmp_path, monkeypatch):
     assert resolve_data_path(spec, data_dir="elsewhere") == tmp_path / "tasks" / "quiz.jsonl"
 
 
-NQ_OPEN = Path("/work/shared/data/nq_open/NQ-open.dev.jsonl")
+NQ_OPEN = SHARED_DATA / "nq_open" / "NQ-open.dev.jsonl"
 
 
 @pytest.mark.skipif(not NQ_OPEN.is_file(), reason="NQ-open data set not present")

@@ -11,17 +11,9 @@ from click.testing import CliRunner
 from llmforge.cli import cli
 from llmforge.data import Example, tokenize_examples
 
-from conftest import requires_smollm2
-
-FORGE = "/work/venv/bin/forge"
+from conftest import FORGE, requires_smollm2
 
 
-@pytest.fixture
-def qa_data(tmp_path):
-    path = tmp_path / "qa.jsonl"
-    records = [{"question": f"What is {a} plus {b}?", "answer": str(a + b)} for a in range(3) for b in range(4)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def invoke(*args: str):

@@ -17,13 +17,6 @@ IDS = [[1, 5, 9, 40, 7, 300, 12, 2]]
 TINY_OPTIONS = {"miss": {"block_size": 16}}
 
 
-@pytest.fixture
-def qa_data(tmp_path):
-    path = tmp_path / "qa.jsonl"
-    records = [{"question": f"What is {a} plus {b}?", "answer": str(a + b)} for a in range(3) for b in range(4)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
 
 def invoke(*args: str):
     return CliRunner().invoke(cli, ["finetune", *args], catch_exceptions=False)

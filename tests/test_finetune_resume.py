@@ -12,16 +12,10 @@ from click.testing import CliRunner
 
 from llmforge.cli import cli
 
-FORGE = "/work/venv/bin/forge"
+from conftest import FORGE
+
 KILL_VARIABLE = "LLMFORGE_FINETUNE_KILL_AFTER_STEP"
 
-
-@pytest.fixture
-def qa_data(tmp_path):
-    path = tmp_path / "qa.jsonl"
-    records = [{"question": f"What is {a} plus {b}?", "answer": str(a + b)} for a in range(3) for b in range(4)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def invoke(*args: str):
