@@ -135,7 +135,8 @@ def compute():
     time.sleep(1.0)
     return {"key": sys.argv[3], "payload": list(range(1000))}
 result = cache.get_or_compute_json(CacheKey("eval-score", {}, {"name": sys.argv[3]}), compute)
-assert result["key"] == sys.argv[3] and len(result["payload"]) == 1000
+assert result["key"] == sys.argv[3]
+assert len(result["payload"]) == 1000
 """
 
 
