@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,8 @@ from click.testing import CliRunner
 from llmforge.cache import Cache, CacheKey
 from llmforge.cli import cli
 
-FORGE = shutil.which("forge") or str(Path(sys.executable).parent / "forge")
+from conftest import FORGE
+
 
 
 def run_forge(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
