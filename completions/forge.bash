@@ -42,7 +42,7 @@ _forge_command() {
             _forge_options=(--baseline --batch-size --data-dir --dtype --general --help --json --limit --list-tasks --model --no-cache --output --quiet --seed --target --task-file -h -o)
             ;;
         'forge finetune')
-            _forge_options=(--alpha --batch-size --bf16 --block-size --budget --column --completion-template --data --dropout --dry-run --epochs --eval-data --eval-every --eval-split --format --grad-accum --help --json --limit --list-methods --lr --max-grad-norm --max-length --method --model --no-bf16 --output --overwrite --prompt-template --quiet --rank --resume --save-every --schedule --seed --steps --target-modules --threads --warmup-steps -h -o)
+            _forge_options=(--alpha --batch-size --bf16 --block-size --budget --column --completion-template --data --dropout --dry-run --epochs --eval-data --eval-every --eval-split --format --grad-accum --help --json --limit --list-methods --lr --max-grad-norm --max-length --method --model --no-bf16 --output --overlong --overwrite --prompt-template --quiet --rank --resume --save-every --schedule --seed --steps --target-modules --threads --warmup-steps -h -o)
             ;;
         'forge models')
             _forge_options=(--help --json -h)
@@ -91,6 +91,7 @@ _forge_option_nargs() {
         'forge finetune|--method') _forge_nargs=1 ;;
         'forge finetune|--model') _forge_nargs=1 ;;
         'forge finetune|--output'|'forge finetune|-o') _forge_nargs=1 ;;
+        'forge finetune|--overlong') _forge_nargs=1 ;;
         'forge finetune|--prompt-template') _forge_nargs=1 ;;
         'forge finetune|--rank') _forge_nargs=1 ;;
         'forge finetune|--save-every') _forge_nargs=1 ;;
@@ -116,6 +117,7 @@ _forge_value() {
         'forge finetune|--method') _forge_words adalora boft dora full ia3 lora milora miss oft pissa rslora vera ;;
         'forge finetune|--model') _forge_words gemma3-270m smollm2-135m; _forge_files ;;
         'forge finetune|--output'|'forge finetune|-o') _forge_files ;;
+        'forge finetune|--overlong') _forge_words reject truncate ;;
         'forge finetune|--schedule') _forge_words constant cosine ;;
     esac
 }

@@ -85,6 +85,8 @@ function __forge_option_nargs
             echo 1
         case 'finetune|--output' 'finetune|-o'
             echo 1
+        case 'finetune|--overlong'
+            echo 1
         case 'finetune|--prompt-template'
             echo 1
         case 'finetune|--rank'
@@ -223,10 +225,11 @@ complete -c forge -n '__forge_at finetune' -l limit -x -d 'Use only the first N 
 complete -c forge -n '__forge_at finetune' -l list-methods -d 'List the methods with their options and defaults, and exit'
 complete -c forge -n '__forge_at finetune' -l lr -x -d 'Peak learning rate of AdamW (default 2e-4, 5e-5 for --method full)'
 complete -c forge -n '__forge_at finetune' -l max-grad-norm -x -d 'Gradient clipping threshold (L2 norm)'
-complete -c forge -n '__forge_at finetune' -l max-length -x -d 'Maximum tokens per example; longer examples are truncated and counted'
+complete -c forge -n '__forge_at finetune' -l max-length -x -d 'Maximum tokens per example (prompt, completion and EOS); --overlong sets...'
 complete -c forge -n '__forge_at finetune' -l method -x -a 'adalora boft dora full ia3 lora milora miss oft pissa rslora vera' -d 'Fine-tuning method; --list-methods shows each one\'s options and defaults'
 complete -c forge -n '__forge_at finetune' -l model -r -F -a 'gemma3-270m smollm2-135m' -d 'Base model reference: a built-in name, HF directory or .gguf file (required)'
 complete -c forge -n '__forge_at finetune' -l output -s o -r -F -d 'Directory to write: a PEFT adapter, or an HF model for --method full; plus...'
+complete -c forge -n '__forge_at finetune' -l overlong -x -a 'reject truncate' -d 'Examples longer than --max-length: truncate cuts them (with a warning and...'
 complete -c forge -n '__forge_at finetune' -l overwrite -d 'Replace an existing output directory'
 complete -c forge -n '__forge_at finetune' -l prompt-template -x -d 'Prompt built from record fields, e.g'
 complete -c forge -n '__forge_at finetune' -l quiet -d 'No progress bar and no summary on stderr'

@@ -3,7 +3,7 @@
 The pipeline is `read_records` (a file into a list of dicts; it lives in llmforge.readers and is
 re-exported here) -> `to_examples` (each record into a prompt and a completion) ->
 `tokenize_examples` (token ids with the prompt masked out of the labels) -> `make_batches`
-(padded tensors for the training loop).
+(padded, or packed into one row per batch, for the training loop).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from llmforge.readers import READ_FORMATS, Records, read_records, resolve_data_p
 
 __all__ = [
     "READ_FORMATS", "Records", "read_records", "resolve_data_path", "Example", "to_examples",
-    "TokenizedExample", "TokenizeStats", "tokenize_examples", "Batch", "collate", "make_batches",
+    "TokenizedExample", "TokenizeStats", "OVERLONG_POLICIES", "tokenize_examples", "Batch", "collate",
+    "PackedBatch", "pack", "make_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -238,19 +239,30 @@ class TokenizeStats:
     notes: list[str] = field(default_factory=list)
 
 
+# Policies of `tokenize_examples` for an example longer than max_length: cut it, or raise ForgeError.
+OVERLONG_POLICIES = ("truncate", "reject")
+
+
 def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int,
-                      stats: TokenizeStats | None = None) -> list[TokenizedExample]:
+                      stats: TokenizeStats | None = None, overlong: str = "truncate",
+                      locations: Sequence[str] | None = None) -> list[TokenizedExample]:
     """Tokenize prompt and completion separately and append EOS to the completion.
 
     The prompt is tokenized with the tokenizer's special tokens (BOS where it adds one) and the
     completion without, so the label boundary is exact and matches generation from the prompt
     alone. EOS is not appended twice when the completion already ends with it (chat turns).
-    Examples longer than max_length are cut at the end; those left without a completion token
-    are dropped. Both counts are logged as a warning and stored in `stats` when given. Raises
-    ForgeError on an example with an empty completion.
+
+    An example is overlong when prompt, completion and EOS exceed max_length tokens. With
+    `overlong="truncate"`, overlong examples are cut at the end, and those left without a
+    completion token are dropped. Both counts are logged as a warning and stored in `stats`
+    when given. With `overlong="reject"`, ForgeError names the first overlong example (its entry
+    in `locations`, such as FILE:LINE, else "example N"), its token count and how many are
+    overlong. Raises ForgeError on an example with an empty completion.
     """
     if max_length < 2:
         raise ForgeError(f"invalid max_length {max_length}; it must be at least 2 tokens")
+    if overlong not in OVERLONG_POLICIES:
+        raise ForgeError(f"invalid --overlong {overlong!r}; use one of: {', '.join(OVERLONG_POLICIES)}")
     stats = stats if stats is not None else TokenizeStats()
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -260,6 +272,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
     completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
 
     tokenized = []
+    overlong_lengths: dict[int, int] = {}
     for index, (prompt_ids, completion_ids) in enumerate(zip(prompts, completions)):
         if not examples[index].completion:
             raise ForgeError(f"example {index + 1}: empty completion; there is nothing to train on")
@@ -270,6 +283,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
 
         stats.total += 1
         if len(input_ids) > max_length:
+            overlong_lengths[index] = len(input_ids)
             stats.truncated += 1
             input_ids, labels = input_ids[:max_length], labels[:max_length]
         # The first position is never a target: the model predicts token t from the tokens before it.
@@ -280,14 +294,26 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
         stats.tokens += len(input_ids)
         tokenized.append(TokenizedExample(input_ids, labels))
 
+    if overlong == "reject" and overlong_lengths:
+        _reject_overlong(overlong_lengths, len(examples), max_length, locations)
     if stats.truncated:
         logger.warning("%d of %d examples are longer than max_length=%d tokens and were truncated; "
                        "%d of them had no completion token left and were dropped",
                        stats.truncated, stats.total, max_length, stats.dropped)
     if not tokenized:
-        raise ForgeError(f"no example fits in max_length={max_length} tokens with a completion token; "
-                         "raise --max-length")
+        raise ForgeError(f"none of the {stats.total} examples keeps a completion token within --max-length "
+                         f"{max_length}, because the prompts fill it; raise --max-length")
     return tokenized
+
+
+def _reject_overlong(lengths: Mapping[int, int], total: int, max_length: int,
+                     locations: Sequence[str] | None) -> None:
+    """Raise ForgeError on the first overlong example; `lengths` maps example indices to token counts."""
+    first = min(lengths)
+    location = locations[first] if locations is not None else f"example {first + 1}"
+    raise ForgeError(f"{location}: the example is {lengths[first]} tokens long (prompt, completion and EOS), "
+                     f"more than --max-length {max_length}; {len(lengths)} of {total} examples exceed it. "
+                     "Raise --max-length, shorten or remove them, or pass --overlong truncate to cut them")
 
 
 @dataclass
@@ -316,19 +342,50 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> Batch:
     return Batch(input_ids, attention_mask, labels, int(attention_mask.sum()))
 
 
+@dataclass
+class PackedBatch:
+    """A micro-batch packed into one row of real tokens: no padding reaches the linear layers.
+
+    `position_ids` restart at 0 for each example. `labels` ignore each example's first token,
+    which would otherwise be predicted from the previous example's last token. For attention,
+    `segment_index[i, t]` is the row position of token t of example i and `segment_valid[i, t]`
+    says whether example i has a token t; both have shape (examples, longest example).
+    """
+
+    input_ids: Any
+    labels: Any
+    position_ids: Any
+    segment_index: Any
+    segment_valid: Any
+    tokens: int
+    attention_mask: Any = None
+
+
+def pack(examples: Sequence[TokenizedExample]) -> PackedBatch:
+    """Concatenate examples into one row (batch dimension 1) with per-example positions and segments."""
+    import torch
+
+    lengths = [len(e.input_ids) for e in examples]
+    input_ids = torch.tensor([[token for e in examples for token in e.input_ids]], dtype=torch.long)
+    labels = torch.tensor([[label for e in examples for label in e.labels]], dtype=torch.long)
+    starts = torch.tensor([0, *lengths[:-1]], dtype=torch.long).cumsum(0)
+    labels[0, starts] = IGNORE_INDEX
+    position_ids = torch.cat([torch.arange(length) for length in lengths]).unsqueeze(0)
+
+    offsets = torch.arange(max(lengths))
+    segment_valid = offsets.unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    segment_index = torch.where(segment_valid, starts.unsqueeze(1) + offsets, starts.unsqueeze(1))
+    return PackedBatch(input_ids, labels, position_ids, segment_index, segment_valid, sum(lengths))
+
+
 def make_batches(examples: Sequence[TokenizedExample], batch_size: int, *, pad_token_id: int,
-                 seed: int = 0, group_size: int = 64) -> list[Batch]:
-    """Return one epoch of length-grouped, padded batches in a seeded random order.
+                 seed: int = 0, group_size: int = 64, packed: bool = False) -> list[Batch | PackedBatch]:
+    """Return one epoch of length-grouped batches in a seeded random order, padded or packed.
 
     Examples are shuffled, then sorted by length inside windows of group_size batches, cut into
     batches, and the batch order is shuffled again. Padding waste stays small while batches
-    remain random.
-
-    Why not packing: the demo examples are 15-40 tokens. Packing them into long rows would make
-    attention cost grow with the row length and, without a block-diagonal mask (which the
-    CPU attention kernels run as a dense masked product), lets examples attend to each other.
-    Length grouping keeps rows short and examples independent, at a padding cost of a few
-    tokens per row.
+    remain random. With `packed`, each batch of the same order is one `PackedBatch` row instead,
+    so a packed and a padded epoch train on the same examples in the same steps.
     """
     if batch_size < 1:
         raise ForgeError(f"invalid batch size {batch_size}; it must be at least 1")
@@ -341,7 +398,8 @@ def make_batches(examples: Sequence[TokenizedExample], batch_size: int, *, pad_t
     for start in range(0, len(order), window):
         chunk = sorted(order[start:start + window], key=lambda i: len(examples[i].input_ids))
         for offset in range(0, len(chunk), batch_size):
-            batches.append(collate([examples[i] for i in chunk[offset:offset + batch_size]], pad_token_id))
+            selected = [examples[i] for i in chunk[offset:offset + batch_size]]
+            batches.append(pack(selected) if packed else collate(selected, pad_token_id))
 
     rng.shuffle(batches)
     return batches

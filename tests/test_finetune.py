@@ -197,7 +197,7 @@ BAD_INPUTS = [
     (["--epochs", "1"], "either --steps or --epochs"),
     (["--max-length", "1"], "invalid --max-length 1"),
     (["--column", "prompt"], "invalid --column 'prompt'"),
-    (["--target-modules", "no_such_proj"], "cannot attach LoRA adapters"),
+    (["--target-modules", "no_such_proj"], "invalid --target-modules 'no_such_proj'"),
 ]
 
 

@@ -178,7 +178,7 @@ def test_budget_matches_brute_force(tiny_model_dir):
     from llmforge_finetune.budget import candidate_sizes, count_parameters, match_budget
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
-    for method, budget in [("lora", 3000), ("lora", 50_000), ("dora", 7000), ("oft", 3000), ("boft", 2000),
+    for method, budget in [("lora", 3000), ("lora", 32_000), ("dora", 7000), ("oft", 3000), ("boft", 2000),
                            ("miss", 5000), ("vera", 1000), ("adalora", 9000)]:
         spec = get_method(method)
         values = spec.resolve(MethodSettings(method=method, **TINY_OPTIONS.get(method, {})))
@@ -206,7 +206,7 @@ def test_budget_for_ia3_reports_fixed_count(tiny_model_dir):
     config = AutoConfig.from_pretrained(tiny_model_dir)
     spec = get_method("ia3")
     values = spec.resolve(MethodSettings(method="ia3"))
-    match = match_budget(config, spec, values, 10_000)
+    match = match_budget(config, spec, values, 1000)
     assert not match.matched
     assert match.size is None
     assert match.trainable == count_parameters(config, spec, values)[0]
@@ -273,7 +273,7 @@ def test_dry_run_writes_and_trains_nothing(tiny_model_dir, qa_data, tmp_path, is
     assert [p.name for p in tmp_path.iterdir()] == ["qa.jsonl"]
     assert not any(r["kind"] == "task-vector" for _, r in Cache().records())
 
-    text = invoke("--model", str(tiny_model_dir), "--method", "ia3", "--budget", "1e6", "--dry-run")
+    text = invoke("--model", str(tiny_model_dir), "--method", "ia3", "--budget", "1000", "--dry-run")
     assert text.exit_code == 0, text.output
     assert "cannot be matched" in text.stdout
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from llmforge.errors import ForgeError
 
-from llmforge_finetune.methods import OPTION_FLAGS, MethodSpec, attach_adapters, peft_config
+from llmforge_finetune.methods import OPTION_FLAGS, MethodSpec, attach_adapters, peft_config, target_modules
 
 SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 BUDGET_PATTERN = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?)\s*([kmbg]?)\s*$", re.IGNORECASE)
@@ -21,6 +21,11 @@ BUDGET_PATTERN = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?)\s
 # large ranks. Its frozen shared matrices (rank x max dimension, not counted) grow with the rank too,
 # and this cap is a guess, not a measured memory limit.
 VERA_MAX_RANK = 65536
+# A method with a fixed trainable count (IA3, full) cannot follow --budget. Within this factor of
+# the budget the run is still of the requested size class, so a warning is enough. Further off,
+# the user most likely meant a sized method (a sweep that gives every method the same budget,
+# say), and a run of a very different size would waste its time, so it is an error.
+FIXED_COUNT_FACTOR = 2
 
 
 def parse_budget(text: str) -> int:
@@ -41,6 +46,34 @@ def meta_model(model_config):
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model_config)
+
+
+def linear_module_names(model_config) -> list[str]:
+    """Return the full names of the model's torch.nn.Linear modules, in module order."""
+    import torch
+
+    return [name for name, module in meta_model(model_config).named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def check_target_modules(model_config, values: dict[str, Any], model_name: str) -> None:
+    """Raise ForgeError when a --target-modules name matches no linear module, listing the names the model has.
+
+    A name matches a module whose full name equals it or ends with "." plus it, as in peft. peft
+    0.21.2 rejects a list only when no name matches, so without this check a misspelt name next
+    to a valid one would be ignored.
+    """
+    targets = target_modules(values) if "target_modules" in values else "all-linear"
+    if targets == "all-linear":
+        return
+
+    names = linear_module_names(model_config)
+    missing = [target for target in targets
+               if not any(name == target or name.endswith("." + target) for name in names)]
+    if missing:
+        leaves = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
+        raise ForgeError(f"invalid --target-modules {values['target_modules']!r}: no linear module of {model_name} "
+                         f"is named {' or '.join(repr(name) for name in missing)}; its linear modules are "
+                         f"{', '.join(leaves)}; pass all-linear or some of these names, comma-separated")
 
 
 def count_parameters(model_config, spec: MethodSpec, values: dict[str, Any]) -> tuple[int, int]:
@@ -108,15 +141,19 @@ class BudgetMatch:
                 "relative_error": round((self.trainable - self.budget) / self.budget, 6)}
 
 
-def match_budget(model_config, spec: MethodSpec, values: dict[str, Any], budget: int) -> BudgetMatch:
+def match_budget(model_config, spec: MethodSpec, values: dict[str, Any], budget: int, *,
+                 model_name: str = "this model") -> BudgetMatch:
     """Choose the size whose exact trainable count is nearest to `budget` (the smaller size on a tie).
 
     Counts grow with the size for every method here, so a binary search finds the first size at
     or over the budget and compares it with the size before. Sizes that peft rejects for this
-    model are dropped from the search.
+    model are dropped from the search. Raises ForgeError when the budget is below the count of
+    the smallest valid size or above that of the largest, and for a method with a fixed count
+    when the budget is more than FIXED_COUNT_FACTOR times away from that count.
     """
     if spec.size_option is None:
         trainable, _ = count_parameters(model_config, spec, values)
+        check_fixed_count(spec, budget, trainable, model_name)
         return BudgetMatch(budget, None, None, trainable, matched=False)
 
     sizes = candidate_sizes(model_config, spec, values)
@@ -130,6 +167,7 @@ def match_budget(model_config, spec: MethodSpec, values: dict[str, Any], budget:
                 counts[size] = -1
         return counts[size] if counts[size] >= 0 else None
 
+    check_reachable(spec, budget, sizes, count, model_name)
     while sizes:
         low, high = 0, len(sizes)
         invalid = None
@@ -150,6 +188,39 @@ def match_budget(model_config, spec: MethodSpec, values: dict[str, Any], budget:
         best = min(neighbours, key=lambda size: (abs(count(size) - budget), size))
         return BudgetMatch(budget, spec.size_option, best, count(best), matched=True)
     raise ForgeError(f"no {OPTION_FLAGS[spec.size_option]} value works for --method {spec.name} on this model")
+
+
+def check_reachable(spec: MethodSpec, budget: int, sizes: list[int], count, model_name: str) -> None:
+    """Raise ForgeError unless `budget` lies between the counts of the smallest and largest valid sizes.
+
+    `count(size)` returns the trainable count of a size, or None where peft rejects that size.
+    """
+    flag = OPTION_FLAGS[spec.size_option]
+    smallest = next((size for size in sizes if count(size) is not None), None)
+    largest = next((size for size in reversed(sizes) if count(size) is not None), None)
+    if smallest is None or largest is None:
+        raise ForgeError(f"no {flag} value works for --method {spec.name} on {model_name}")
+
+    reach = (f"{spec.title} on {model_name} trains {count(smallest):,} ({flag} {smallest}) to "
+             f"{count(largest):,} ({flag} {largest}) parameters")
+    if budget < count(smallest):
+        raise ForgeError(f"--budget {budget:,} is below the smallest {spec.title} size ({flag} {smallest}: "
+                         f"{count(smallest):,} parameters) on {model_name}; {reach}. Raise --budget or choose "
+                         "a method with fewer parameters (forge finetune --list-methods)")
+    if budget > count(largest):
+        raise ForgeError(f"--budget {budget:,} is above the largest {spec.title} size ({flag} {largest}: "
+                         f"{count(largest):,} parameters) on {model_name}; {reach}. Lower --budget or choose "
+                         "a method with more parameters (forge finetune --list-methods)")
+
+
+def check_fixed_count(spec: MethodSpec, budget: int, trainable: int, model_name: str) -> None:
+    """Raise ForgeError when a fixed-count method's count is more than FIXED_COUNT_FACTOR times off `budget`."""
+    if budget / FIXED_COUNT_FACTOR <= trainable <= budget * FIXED_COUNT_FACTOR:
+        return
+    raise ForgeError(f"--budget {budget:,} cannot be met by --method {spec.name}: {spec.title} has no size option "
+                     f"and trains {trainable:,} parameters on {model_name}, more than a factor of "
+                     f"{FIXED_COUNT_FACTOR} away; drop --budget, or choose a method with a size option "
+                     "(--rank or --block-size; see forge finetune --list-methods)")
 
 
 def memory_estimate(model_config, *, total: int, trainable: int, full: bool, precision: str, batch_size: int,

@@ -102,7 +102,10 @@ def print_plan(plan: dict) -> None:
               help="Learning-rate schedule after warmup.")
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping threshold (L2 norm).")
 @click.option("--max-length", type=int, default=256, show_default=True,
-              help="Maximum tokens per example; longer examples are truncated and counted.")
+              help="Maximum tokens per example (prompt, completion and EOS); --overlong sets what happens to longer ones.")
+@click.option("--overlong", type=click.Choice(["truncate", "reject"]), default="truncate", show_default=True,
+              help="Examples longer than --max-length: truncate cuts them (with a warning and counts in forge_run.json); "
+                   "reject exits with an error naming the first one.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the adapter init, data order and dropout.")
 @click.option("--bf16/--no-bf16", default=True, show_default=True,
               help="Run the model and trainable weights in bf16 with fp32 master weights; --no-bf16 runs fp32.")
@@ -128,8 +131,8 @@ def print_plan(plan: dict) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary on stderr.")
 def finetune_command(model, data, output, fmt, prompt_template, completion_template, columns, method, list_methods,
                      rank, alpha, dropout, block_size, target_modules, budget, dry_run, steps, epochs, batch_size,
-                     grad_accum, lr, warmup_steps, schedule, max_grad_norm, max_length, seed, bf16, threads, limit,
-                     eval_split, eval_data, eval_every, save_every, resume, overwrite, as_json, quiet):
+                     grad_accum, lr, warmup_steps, schedule, max_grad_norm, max_length, overlong, seed, bf16, threads,
+                     limit, eval_split, eval_data, eval_every, save_every, resume, overwrite, as_json, quiet):
     """Fine-tune a model with a PEFT method (or fully) on a data file and write the result.
 
     The loss covers completion tokens only (all tokens for plain text). PEFT methods write a
@@ -167,11 +170,13 @@ def finetune_command(model, data, output, fmt, prompt_template, completion_templ
         train=TrainSettings(steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                             lr=spec.lr if lr is None else lr, warmup_steps=warmup_steps, schedule=schedule,
                             max_grad_norm=max_grad_norm, seed=seed, precision="bf16" if bf16 else "fp32"),
-        budget=None if budget is None else parse_budget(budget), max_length=max_length, limit=limit,
+        budget=None if budget is None else parse_budget(budget), max_length=max_length, overlong=overlong, limit=limit,
         overwrite=overwrite, progress=not quiet, dry_run=dry_run, eval_split=eval_split, eval_data=eval_data,
         eval_every=eval_every, save_every=save_every, resume=resume,
     )
     summary = run_finetune(request, command=["forge", *sys.argv[1:]] if sys.argv else None)
+    if summary is None:
+        return  # a rank other than 0 of a data-parallel run: rank 0 prints the summary
 
     if dry_run:
         if as_json:

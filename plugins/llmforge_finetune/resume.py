@@ -7,7 +7,8 @@ Layout of OUTPUT.partial/ (a sibling of the output directory, removed when the r
     state-000100/trainable.safetensors   trainable parameters in fp32 (the master copies under bf16),
                                          plus AdaLoRA's importance scores ("adalora.*")
     state-000100/optimizer.safetensors   AdamW state tensors (step, exp_avg, exp_avg_sq per parameter)
-    state-000100/rng.safetensors         torch CPU random generator state
+    state-000100/rng.safetensors         torch CPU random generator state ("torch_cpu"; under data
+                                         parallelism also "torch_cpu.rank1" ... of the other ranks)
     checkpoints/step-000100/             the trainable state at that step: a PEFT adapter directory,
                                          or for --method full the trainable parameters as safetensors
     stopped.json                         written when the loss became NaN or infinite
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 from dataclasses import dataclass, field
@@ -38,6 +40,8 @@ STATE_FORMAT = "llmforge.finetune.partial/1"
 PARTIAL_SUFFIX = ".partial"
 # Settings that may change on --resume after a run stopped on a NaN or infinite loss.
 RETUNABLE_AFTER_STOP = ("--lr", "--max-grad-norm")
+# Settings whose mismatch is reported before any other on --resume.
+LEADING_SETTINGS = ("--model", "--method")
 # Test hook: the process kills itself with SIGKILL right after saving the state of this step.
 KILL_AFTER_STEP_VARIABLE = "LLMFORGE_FINETUNE_KILL_AFTER_STEP"
 
@@ -77,8 +81,11 @@ class PartialRun:
 
     @classmethod
     def open(cls, output: Path, settings: dict[str, Any], *, save_every: int | None, resume: bool,
-             overwrite: bool) -> "PartialRun":
-        """Check the partial directory against the request: resume it, replace it (--overwrite) or reject."""
+             overwrite: bool, main: bool = True) -> "PartialRun":
+        """Check the partial directory against the request: resume it, replace it (--overwrite) or reject.
+
+        Only the `main` process (rank 0 of a data-parallel run) removes a directory that --overwrite replaces.
+        """
         directory = partial_directory(output)
         # A JSON round trip turns tuples into lists, so fresh settings compare equal to saved ones.
         settings = json.loads(json.dumps(settings))
@@ -88,13 +95,16 @@ class PartialRun:
             if directory.exists() and not overwrite:
                 raise ForgeError(f"an unfinished run of {output} is in {directory}; pass --resume to continue it, "
                                  "or --overwrite to discard it and start over")
-            shutil.rmtree(directory, ignore_errors=True)
+            if main:
+                shutil.rmtree(directory, ignore_errors=True)
             return run
         if latest is None:
             raise ForgeError(f"--resume: no saved state in {directory}; the run saved no checkpoint "
                              "(pass --save-every N to save one), so start it again without --resume")
         run._state_dir = latest
         run._check_settings(json.loads((latest / "trainer.json").read_text(encoding="utf-8")))
+        if main:
+            _remove_temporaries(directory)
         return run
 
     def latest_state(self) -> Path | None:
@@ -110,21 +120,30 @@ class PartialRun:
     def _check_settings(self, saved: dict[str, Any]) -> None:
         stopped = (self.directory / "stopped.json").is_file()
         changed = {}
-        for flag in sorted(set(saved["settings"]) | set(self.settings)):
+        # The method and model are compared first because when they differ, most method options differ too.
+        # The second sort is stable, so the other flags stay in alphabetical order.
+        flags = sorted(set(saved["settings"]) | set(self.settings))
+        flags.sort(key=lambda flag: flag not in LEADING_SETTINGS)
+        for flag in flags:
             before, now = saved["settings"].get(flag), self.settings.get(flag)
             if before == now:
                 continue
             if stopped and flag in RETUNABLE_AFTER_STOP:
                 changed[flag] = {"before": before, "now": now}
                 continue
-            raise ForgeError(f"--resume: {flag} differs from the unfinished run in {self.directory} "
-                             f"({before!r} there, {now!r} now); resume with the same settings, or pass "
-                             "--overwrite without --resume to start over")
+            raise ForgeError(f"--resume: the unfinished run in {self.directory} used "
+                             f"{_describe_setting(flag, before)}, this command asks for "
+                             f"{_describe_setting(flag, now)}; resume with the same settings, or pass --overwrite "
+                             "without --resume to start over")
         self.resumes = list(saved.get("resumes", []))
         self.resumes.append({"step": saved["step"], "changed": changed})
 
-    def restore(self, named_trainable, masters, optimizer, model) -> RestoredState | None:
-        """Load the saved state into the parameters, optimizer and random generators; None when not resuming."""
+    def restore(self, named_trainable, masters, optimizer, model, *, rank: int = 0) -> RestoredState | None:
+        """Load the saved state into the parameters, optimizer and random generators; None when not resuming.
+
+        Under data parallelism every rank reads the same directory, so it must be on a file system
+        that all ranks share, and each rank restores its own random generator state (`rank`).
+        """
         import torch
 
         from llmforge.checkpoint import load_tensors
@@ -146,15 +165,20 @@ class PartialRun:
         optimizer.load_state_dict(_optimizer_state_from(load_tensors(self._state_dir / "optimizer.safetensors"),
                                                         state["optimizer_param_groups"]))
         _restore_adalora(model, state.get("adalora_rank_pattern"), tensors)
-        torch.set_rng_state(load_tensors(self._state_dir / "rng.safetensors")["torch_cpu"].clone())
+        rng = load_tensors(self._state_dir / "rng.safetensors")
+        torch.set_rng_state(rng["torch_cpu" if rank == 0 else f"torch_cpu.rank{rank}"].clone())
         version, internal, gauss = state["python_random_state"]
         random.setstate((version, tuple(internal), gauss))
         self.restored = RestoredState(step=state["step"], loss_curve=state["loss_curve"],
                                       eval_curve=state["eval_curve"], tokens=state["tokens"], seconds=state["seconds"])
         return self.restored
 
-    def save(self, step: int, result, named_trainable, masters, optimizer, model) -> None:
-        """Write the checkpoint and the trainer state of `step`, then drop the older state."""
+    def save(self, step: int, result, named_trainable, masters, optimizer, model, *, rng_states=None) -> None:
+        """Write the checkpoint and the trainer state of `step`, then drop the older state.
+
+        `rng_states` lists each rank's torch CPU generator state under data parallelism; by
+        default the state of this process is saved. Only rank 0 calls this.
+        """
         import torch
 
         from llmforge.checkpoint import atomic_directory, save_tensors, write_json
@@ -179,7 +203,9 @@ class PartialRun:
         with atomic_directory(self.directory / f"state-{step:06d}", overwrite=True, marker=None) as folder:
             save_tensors(folder / "trainable.safetensors", trainable)
             save_tensors(folder / "optimizer.safetensors", optimizer_tensors)
-            save_tensors(folder / "rng.safetensors", {"torch_cpu": torch.get_rng_state()})
+            rng_states = rng_states if rng_states is not None else [torch.get_rng_state()]
+            save_tensors(folder / "rng.safetensors", {"torch_cpu" if rank == 0 else f"torch_cpu.rank{rank}": state
+                                                      for rank, state in enumerate(rng_states)})
             write_json(folder / "trainer.json", state)
 
         # The two newest states are kept: a non-finite loss at the next step discards the newest.
@@ -216,6 +242,32 @@ class PartialRun:
     def discard(self) -> None:
         """Remove the partial directory after the run's output is written."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _remove_temporaries(directory: Path) -> None:
+    """Remove what a kill inside atomic_write or atomic_directory leaves: ".NAME.*.tmp" and ".NAME.*.old" entries.
+
+    Without this, a resumed run would hard-link the leftovers under checkpoints/ into its output.
+    """
+    for folder in (directory, directory / "checkpoints"):
+        for leftover in folder.glob(".*"):
+            if not leftover.name.endswith((".tmp", ".old")):
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _describe_setting(flag: str, value: Any) -> str:
+    """Return a setting as the user would type it: "--method lora", "no --eval-data", or a digest for files."""
+    if value is None:
+        return f"no {flag}"
+    if isinstance(value, str) and value.startswith("sha256:"):
+        return f"{flag} with content digest {value}"
+    if isinstance(value, str):
+        return f"{flag} {value}" if re.fullmatch(r"[\w.:/+-]+", value) else f"{flag} {value!r}"
+    return f"{flag} {json.dumps(value, sort_keys=True)}"
 
 
 def _step_of(state_dir: Path) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmforge.checkpoint import check_output_directory
+from llmforge.data import OVERLONG_POLICIES
 from llmforge.errors import ForgeError
 
 from llmforge_finetune.methods import MethodSettings, MethodSpec, get_method
@@ -18,6 +19,8 @@ from llmforge_finetune.train import TrainSettings
 logger = logging.getLogger(__name__)
 
 RECORD_SCHEMA = "llmforge.finetune.run/1"
+# The name of the process count among --resume's settings, as torchrun and accelerate launch set it.
+WORLD_SIZE_SETTING = "WORLD_SIZE"
 
 
 @dataclass
@@ -25,7 +28,8 @@ class FinetuneRequest:
     """Everything a fine-tuning run needs; the `forge finetune` options map onto these fields.
 
     `data` and `output` may be None only for a dry run. `budget` makes the run choose the
-    method's size option whose trainable-parameter count is nearest to it.
+    method's size option whose trainable-parameter count is nearest to it. `overlong` is
+    "truncate" or "reject", what happens to examples longer than `max_length` tokens.
     """
 
     model: str
@@ -39,6 +43,7 @@ class FinetuneRequest:
     train: TrainSettings = field(default_factory=TrainSettings)
     budget: int | None = None
     max_length: int = 256
+    overlong: str = "truncate"
     limit: int | None = None
     overwrite: bool = False
     progress: bool = True
@@ -60,6 +65,8 @@ class FinetuneRequest:
         self.train.validate()
         if self.max_length < 2:
             raise ForgeError(f"invalid --max-length {self.max_length}; it must be at least 2 tokens")
+        if self.overlong not in OVERLONG_POLICIES:
+            raise ForgeError(f"invalid --overlong {self.overlong!r}; use one of: {', '.join(OVERLONG_POLICIES)}")
         if self.limit is not None and self.limit <= 0:
             raise ForgeError(f"invalid --limit {self.limit}; it must be a positive number of records")
         self._validate_loop_options()
@@ -106,17 +113,19 @@ def plan_run(request: FinetuneRequest, cache) -> dict[str, Any]:
 
     from llmforge.models import resolve
 
-    from llmforge_finetune.budget import count_parameters, match_budget, memory_estimate
+    from llmforge_finetune.budget import check_target_modules, count_parameters, match_budget, memory_estimate
 
     spec, values = request.validate()
     resolved = resolve(request.model, cache=cache)
     if resolved.is_adapter:
         raise ForgeError(f"{request.model} is an adapter; fine-tune its base model {resolved.base.reference} instead")
     model_config = AutoConfig.from_pretrained(str(resolved.path))
+    check_max_length(request.max_length, model_config, request.model)
+    check_target_modules(model_config, values, request.model)
 
     match = None
     if request.budget is not None:
-        match = match_budget(model_config, spec, values, request.budget)
+        match = match_budget(model_config, spec, values, request.budget, model_name=request.model)
         if match.matched:
             values = {**values, spec.size_option: match.size}
         else:
@@ -142,12 +151,23 @@ def plan_run(request: FinetuneRequest, cache) -> dict[str, Any]:
     }
 
 
-def run_finetune(request: FinetuneRequest, *, command: list[str] | None = None, cache=None) -> dict[str, Any]:
+def check_max_length(max_length: int, model_config, model_name: str) -> None:
+    """Raise ForgeError when --max-length exceeds the model's max_position_embeddings."""
+    limit = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise ForgeError(f"invalid --max-length {max_length}: {model_name} accepts at most {limit} tokens "
+                         f"(max_position_embeddings in its config.json); pass --max-length {limit} or less")
+
+
+def run_finetune(request: FinetuneRequest, *, command: list[str] | None = None,
+                 cache=None) -> dict[str, Any] | None:
     """Fine-tune `request.model` with the requested method and write the output directory; return the summary.
 
     With `request.dry_run` it returns the plan (method, size, exact trainable count, memory
     estimate) and neither trains nor writes. Otherwise nothing is written under
     `request.output` unless the whole run succeeds, and the run's task vector goes into the cache.
+    In a data-parallel run (`torchrun`, `accelerate launch`) only rank 0 writes and returns the
+    summary; the other ranks return None.
     """
     from llmforge.cache import Cache
 
@@ -177,15 +197,20 @@ def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, li
 
 
 def resume_settings(request: FinetuneRequest, spec: MethodSpec, plan: dict, settings: TrainSettings, *,
-                    model_digest: str, data_digest: str, eval_digest: str | None) -> dict[str, Any]:
-    """Return the settings that decide the trained weights, keyed by option flag, for comparison on --resume."""
+                    model_digest: str, data_digest: str, eval_digest: str | None,
+                    world_size: int = 1) -> dict[str, Any]:
+    """Return the settings that decide the trained weights, keyed by option flag, for comparison on --resume.
+
+    The number of data-parallel processes is included: each rank's share of a batch and its
+    random generator state are saved for that number.
+    """
     from llmforge_finetune.methods import OPTION_FLAGS
 
     values = {
         "--model": model_digest, "--data": data_digest, "--format": request.fmt, "--column": request.columns,
         "--prompt-template": request.prompt_template, "--completion-template": request.completion_template,
         "--max-length": request.max_length, "--limit": request.limit, "--eval-split": request.eval_split,
-        "--eval-data": eval_digest, "--method": spec.name,
+        "--eval-data": eval_digest, "--method": spec.name, WORLD_SIZE_SETTING: world_size,
     }
     for name, value in plan["options"].items():
         values[OPTION_FLAGS.get(name, "--" + name.replace("_", "-"))] = value
@@ -196,20 +221,39 @@ def resume_settings(request: FinetuneRequest, spec: MethodSpec, plan: dict, sett
 
 def _read_tokenized(spec_or_path: str, request: FinetuneRequest, tokenizer, *, limit: int | None = None):
     """Read, format and tokenize a data file; return (path, record count, tokenized examples, stats)."""
-    from llmforge.data import TokenizeStats, read_records, resolve_data_path, to_examples, tokenize_examples
+    from llmforge.data import Records, TokenizeStats, read_records, resolve_data_path, to_examples, tokenize_examples
+    from llmforge.readers import where
 
     path = resolve_data_path(spec_or_path)
     records = read_records(path)
     if limit is not None:
-        records = records[:limit]
+        # A plain slice would be a list and lose the FILE:LINE of each record.
+        records = Records(records[:limit], source=records.source, lines=records.lines[:limit])
     examples = to_examples(records, tokenizer, fmt=request.fmt, columns=request.columns,
                            prompt_template=request.prompt_template, completion_template=request.completion_template)
     stats = TokenizeStats()
-    tokenized = tokenize_examples(examples, tokenizer, max_length=request.max_length, stats=stats)
+    tokenized = tokenize_examples(examples, tokenizer, max_length=request.max_length, stats=stats,
+                                  overlong=request.overlong,
+                                  locations=[where(records, index) for index in range(len(records))])
     return path, len(records), tokenized, stats
 
 
-def _open_partial(request: FinetuneRequest, spec: MethodSpec, plan: dict, settings: TrainSettings, cache):
+def check_training_set(train_count: int, request: FinetuneRequest, *, records: int, stats, held_out: int) -> None:
+    """Raise ForgeError when fewer training examples remain than --batch-size, saying where the others went."""
+    batch_size = request.train.batch_size
+    if train_count >= batch_size:
+        return
+
+    origin = f"{records} records" + (f" after --limit {request.limit}" if request.limit is not None else "")
+    if stats.dropped:
+        origin += f", {stats.dropped} dropped as too long for --max-length {request.max_length}"
+    if held_out:
+        origin += f", {held_out} held out by --eval-split {request.eval_split}"
+    raise ForgeError(f"the training set has {train_count} examples ({origin}), fewer than --batch-size "
+                     f"{batch_size}; pass --batch-size {train_count} or less, or add data")
+
+
+def _open_partial(request: FinetuneRequest, spec: MethodSpec, plan: dict, settings: TrainSettings, cache, world):
     """Digest the inputs and open the run's OUTPUT.partial directory, before any weights are loaded."""
     from llmforge.checkpoint import file_digest
     from llmforge.data import resolve_data_path
@@ -220,9 +264,9 @@ def _open_partial(request: FinetuneRequest, spec: MethodSpec, plan: dict, settin
     data_digest = file_digest(resolve_data_path(request.data))
     eval_digest = file_digest(resolve_data_path(request.eval_data)) if request.eval_data else None
     values = resume_settings(request, spec, plan, settings, model_digest=model_digest(request.model, cache=cache),
-                             data_digest=data_digest, eval_digest=eval_digest)
+                             data_digest=data_digest, eval_digest=eval_digest, world_size=world.size)
     return PartialRun.open(Path(request.output), values, save_every=request.save_every, resume=request.resume,
-                           overwrite=request.overwrite)
+                           overwrite=request.overwrite, main=world.is_main)
 
 
 def checkpoint_writer(spec: MethodSpec, trained, *, initial_factors, base_reference: str, base_digest: str):
@@ -245,10 +289,26 @@ def checkpoint_writer(spec: MethodSpec, trained, *, initial_factors, base_refere
     return save
 
 
-def _train_and_write(request: FinetuneRequest, plan: dict, command, cache) -> dict[str, Any]:
+def _train_and_write(request: FinetuneRequest, plan: dict, command, cache) -> dict[str, Any] | None:
+    """Train and write the output; return the summary, or None on the ranks other than 0 of a data-parallel run.
+
+    Under `torchrun` or `accelerate launch` every process trains on its share of each batch, and
+    rank 0 alone writes OUTPUT.partial, the output directory and the cache entry while the other
+    ranks wait for it.
+    """
+    from llmforge_finetune.distributed import World
+
+    world = World.from_environment(connect=False)
+    world.check_batch_size(request.train.batch_size)
+    try:
+        return _train_on_rank(request, plan, command, cache, world)
+    finally:
+        world.close()
+
+
+def _train_on_rank(request: FinetuneRequest, plan: dict, command, cache, world) -> dict[str, Any] | None:
     import torch
 
-    from llmforge.checkpoint import file_digest
     from llmforge.models import load_model, load_tokenizer
 
     from llmforge_finetune.adapters import adalora_hooks, count_trainable, initial_lora_factors, wrap_model
@@ -257,8 +317,9 @@ def _train_and_write(request: FinetuneRequest, plan: dict, command, cache) -> di
 
     spec = get_method(plan["method"])
     settings = training_precision(spec, request.train)
-    partial = _open_partial(request, spec, plan, settings, cache)
-    if not request.progress:
+    partial = _open_partial(request, spec, plan, settings, cache, world)
+    progress = request.progress and world.is_main
+    if not progress:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
@@ -266,6 +327,7 @@ def _train_and_write(request: FinetuneRequest, plan: dict, command, cache) -> di
     tokenizer = load_tokenizer(request.model, cache=cache)
     data_path, record_count, tokenized, stats = _read_tokenized(request.data, request, tokenizer, limit=request.limit)
     tokenized, held_out = split_held_out(tokenized, request.eval_split, settings.seed)
+    check_training_set(len(tokenized), request, records=record_count, stats=stats, held_out=len(held_out))
     if request.eval_data is not None:
         held_out = _read_tokenized(request.eval_data, request, tokenizer)[2]
 
@@ -282,22 +344,45 @@ def _train_and_write(request: FinetuneRequest, plan: dict, command, cache) -> di
                                                 base_reference=base_reference, base_digest=loaded.digest)
     step_hook, regularizer = adalora_hooks(trained, spec)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result = train(trained, tokenized, settings, pad_token_id=pad_id, progress=request.progress,
+    result = train(trained, tokenized, settings, pad_token_id=pad_id, progress=progress,
                    step_hook=step_hook, regularizer=regularizer,
-                   held_out=HeldOut(held_out, request.eval_every) if held_out else None, partial=partial)
+                   held_out=HeldOut(held_out, request.eval_every) if held_out else None, partial=partial,
+                   world=world)
+    if not world.is_main:
+        world.barrier()
+        return None
 
-    inputs = {"base_model": loaded.digest, "data": file_digest(data_path)}
-    summary = _summary(request, spec, plan, result, count_trainable(trained), partial)
-    fields = {
+    summary = _summary(request, spec, plan, result, count_trainable(trained), partial, world)
+    fields = _record_fields(request, plan, settings, result, partial, summary, base_reference=base_reference,
+                            base_digest=loaded.digest, data=(data_path, record_count, stats),
+                            examples=(len(tokenized), len(held_out)))
+    checkpoints = partial.directory / "checkpoints"
+    write_run(request, spec, trained, base_digest=loaded.digest, base_dir=plan["model_dir"], tokenizer=tokenizer,
+              fields=fields, command=command, cache=cache, initial_factors=initial_factors,
+              checkpoints_dir=checkpoints if checkpoints.is_dir() else None)
+    partial.discard()
+    world.barrier()
+    return summary
+
+
+def _record_fields(request: FinetuneRequest, plan: dict, settings: TrainSettings, result, partial, summary: dict, *,
+                   base_reference: str, base_digest: str, data: tuple, examples: tuple[int, int]) -> dict[str, Any]:
+    """Return the run record's fields: inputs, data statistics, hyper-parameters, curves and the summary."""
+    from llmforge.checkpoint import file_digest
+
+    data_path, record_count, stats = data
+    train_examples, eval_examples = examples
+    inputs = {"base_model": base_digest, "data": file_digest(data_path)}
+    return {
         "schema": RECORD_SCHEMA,
         "base_reference": base_reference,
-        "base_digest": loaded.digest,
+        "base_digest": base_digest,
         "data": {"spec": request.data, "path": str(Path(data_path).resolve()), "digest": inputs["data"],
                  "records": record_count, "examples": stats.total, "truncated": stats.truncated,
                  "dropped": stats.dropped, "format": request.fmt, "columns": request.columns,
                  "prompt_template": request.prompt_template, "completion_template": request.completion_template,
-                 "max_length": request.max_length, "train_examples": len(tokenized),
-                 "eval_examples": len(held_out), "eval_split": request.eval_split, "eval_data": request.eval_data},
+                 "max_length": request.max_length, "overlong": request.overlong, "train_examples": train_examples,
+                 "eval_examples": eval_examples, "eval_split": request.eval_split, "eval_data": request.eval_data},
         "inputs": inputs,
         "seed": settings.seed,
         "method_options": plan["options"],
@@ -310,15 +395,10 @@ def _train_and_write(request: FinetuneRequest, plan: dict, command, cache) -> di
         "resumes": partial.resumes,
         **summary,
     }
-    checkpoints = partial.directory / "checkpoints"
-    write_run(request, spec, trained, base_digest=loaded.digest, base_dir=plan["model_dir"], tokenizer=tokenizer,
-              fields=fields, command=command, cache=cache, initial_factors=initial_factors,
-              checkpoints_dir=checkpoints if checkpoints.is_dir() else None)
-    partial.discard()
-    return summary
 
 
-def _summary(request: FinetuneRequest, spec: MethodSpec, plan: dict, result, trainable: int, partial) -> dict:
+def _summary(request: FinetuneRequest, spec: MethodSpec, plan: dict, result, trainable: int, partial, world) -> dict:
+    """Return the run's summary; `tokens` and `tokens_per_second` count the tokens of all processes."""
     return {
         "output": str(Path(request.output).resolve()),
         "method": spec.name,
@@ -328,6 +408,10 @@ def _summary(request: FinetuneRequest, spec: MethodSpec, plan: dict, result, tra
         "tokens": result.tokens,
         "seconds": round(result.seconds, 3),
         "tokens_per_second": round(result.tokens_per_second, 1),
+        "world_size": world.size,
+        # Examples per optimizer step over all processes, and examples per forward pass of one process.
+        "global_batch": request.train.batch_size * request.train.grad_accum,
+        "micro_batch_per_process": request.train.batch_size // world.size,
         "trainable_parameters": trainable,
         # Averaged over the last 10 steps because one micro-batch's loss is noisy.
         "final_train_loss": round(result.final_loss, 6) if result.final_loss is not None else None,

@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 from llmforge.data import IGNORE_INDEX, TokenizedExample, make_batches
 from llmforge.errors import ForgeError
 
+from llmforge_finetune.distributed import World, broadcast_parameters, sum_gradients
+
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "constant")
@@ -95,7 +97,7 @@ class TrainResult:
 
     @property
     def tokens_per_second(self) -> float:
-        """Training throughput over all tokens of the batches, padding excluded."""
+        """Training throughput over all tokens of the batches (of all processes), padding excluded."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     @property
@@ -120,8 +122,8 @@ def learning_rate(step: int, *, base: float, warmup: int, total: int, schedule: 
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def completion_loss(model, batch):
-    """Return the mean cross-entropy over the labelled tokens of a batch.
+def completion_loss(model, batch, reduction: str = "mean"):
+    """Return the cross-entropy over the labelled tokens of a batch: their mean, or with `reduction="sum"` their sum.
 
     Logits are computed only at the positions that have a label: the decoder runs once, and the
     output embedding (49k x 576 for SmolLM2, the largest matmul per token) is applied to the
@@ -139,14 +141,14 @@ def completion_loss(model, batch):
 
     if decoder is None or head is None:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        return F.cross_entropy(logits[mask].float(), labels[mask])
+        return F.cross_entropy(logits[mask].float(), labels[mask], reduction=reduction)
 
     hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     logits = head(hidden[:, :-1][mask]).float()
     softcap = getattr(base.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, labels[mask])
+    return F.cross_entropy(logits, labels[mask], reduction=reduction)
 
 
 class MasterWeights:
@@ -196,7 +198,7 @@ class HeldOut:
 def train(model, examples: Sequence[TokenizedExample], settings: TrainSettings, *, pad_token_id: int,
           progress: bool = True, step_hook: Callable[[int], None] | None = None,
           regularizer: Callable[[], Any] | None = None, held_out: HeldOut | None = None,
-          partial=None) -> TrainResult:
+          partial=None, world: World | None = None) -> TrainResult:
     """Train the trainable parameters of `model` on `examples` and return the loss curve and counts.
 
     `regularizer()` returns a loss term added to every micro-batch loss (the loss curve records the
@@ -205,35 +207,39 @@ def train(model, examples: Sequence[TokenizedExample], settings: TrainSettings, 
     after the hook, so methods that edit parameters in the hook must train in fp32.
     `held_out` adds the eval curve. `partial` (a `resume.PartialRun`) restores a saved state before
     the first step and saves one at its checkpoint steps.
+    `world` (default: one process) trains data parallel: every process passes the same examples
+    and settings, rank 0's trainable parameters are copied to all ranks, each rank runs its share
+    of every micro-batch, and only rank 0 shows progress and saves the partial state.
     Raises ForgeError when the loss becomes NaN or infinite (the usual cause is a too high --lr).
     """
     import torch
     from tqdm.auto import tqdm
 
+    world = world or World()
     settings.validate()
+    world.check_batch_size(settings.batch_size)
+    world.connect()
     torch.manual_seed(settings.seed)
+    broadcast_parameters(world, [p for p in model.parameters() if p.requires_grad])
     named, masters, optimizer = _make_optimizer(model, settings)
     trainable = [p for _, p in named]
 
     batches_per_epoch = math.ceil(len(examples) / settings.batch_size)
     total = settings.total_steps(batches_per_epoch)
     warmup = settings.warmup(total)
-    result = TrainResult(steps=0, tokens=0, seconds=0.0, settings=asdict(settings))
-    restored = partial.restore(named, masters, optimizer, model) if partial is not None else None
-    first = 0 if restored is None else restored.step
-    if restored is not None:
-        result.steps, result.tokens, result.seconds = restored.step, restored.tokens, restored.seconds
-        result.loss_curve, result.eval_curve = list(restored.loss_curve), [list(p) for p in restored.eval_curve]
+    result = _start_result(settings, partial, named, masters, optimizer, model, world)
+    first = result.steps
     batches = _batch_stream(examples, settings, pad_token_id, skip=first * settings.grad_accum)
 
     model.train()
-    bar = tqdm(total=total, initial=first, desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=first, desc="finetune", unit="step", disable=not (progress and world.is_main),
+               dynamic_ncols=True)
     start = time.perf_counter() - result.seconds
     for step in range(first, total):
-        loss, tokens = _accumulate(model, batches, settings, regularizer)
+        loss, tokens = _accumulate(model, batches, settings, regularizer, trainable=trainable, world=world)
         if not math.isfinite(loss):
             bar.close()
-            _raise_non_finite(loss, step + 1, settings, partial)
+            _raise_non_finite(loss, step + 1, settings, partial, world)
 
         lr = learning_rate(step, base=settings.lr, warmup=warmup, total=total, schedule=settings.schedule)
         _optimizer_step(optimizer, masters, trainable, settings.max_grad_norm, lr,
@@ -244,7 +250,7 @@ def train(model, examples: Sequence[TokenizedExample], settings: TrainSettings, 
         result.loss_curve.append(round(loss, 5))
         postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
         if held_out is not None and held_out.is_due(step + 1, total):
-            eval_loss = evaluate_loss(model, held_out.examples, settings, pad_token_id=pad_token_id)
+            eval_loss = evaluate_loss(model, held_out.examples, settings, pad_token_id=pad_token_id, world=world)
             result.eval_curve.append([step + 1, round(eval_loss, 6)])
         if result.eval_curve:
             postfix["eval_loss"] = f"{result.eval_curve[-1][1]:.4f}"
@@ -252,13 +258,26 @@ def train(model, examples: Sequence[TokenizedExample], settings: TrainSettings, 
         bar.set_postfix(postfix)
         if partial is not None and partial.is_due(step + 1, total):
             result.seconds = time.perf_counter() - start
-            partial.save(step + 1, result, named, masters, optimizer, model)
+            # Each rank's dropout has drawn from its own generator, so every rank's state is saved.
+            rng_states = world.all_gather(torch.get_rng_state())
+            if world.is_main:
+                partial.save(step + 1, result, named, masters, optimizer, model, rng_states=rng_states)
 
     result.seconds = time.perf_counter() - start
     bar.close()
     if masters is not None:
         masters.promote_model_to_fp32()
     model.eval()
+    return result
+
+
+def _start_result(settings: TrainSettings, partial, named, masters, optimizer, model, world: World) -> TrainResult:
+    """Return an empty result, or with `partial` resuming, restore the saved state and return its curves and counts."""
+    result = TrainResult(steps=0, tokens=0, seconds=0.0, settings=asdict(settings))
+    restored = partial.restore(named, masters, optimizer, model, rank=world.rank) if partial is not None else None
+    if restored is not None:
+        result.steps, result.tokens, result.seconds = restored.step, restored.tokens, restored.seconds
+        result.loss_curve, result.eval_curve = list(restored.loss_curve), [list(p) for p in restored.eval_curve]
     return result
 
 
@@ -276,41 +295,49 @@ def _make_optimizer(model, settings: TrainSettings):
     return named, masters, optimizer
 
 
-def _raise_non_finite(loss: float, step: int, settings: TrainSettings, partial) -> None:
+def _raise_non_finite(loss: float, step: int, settings: TrainSettings, partial, world: World) -> None:
     message = (f"the training loss became {loss} at step {step}; lower --lr (now {settings.lr}) or "
                "--max-grad-norm, or check the data")
-    if partial is not None:
+    if partial is not None and world.is_main:
         message += "; " + partial.stop_message(step, loss)
+    # Every rank gets the same summed loss and stops here. The others wait until rank 0 has marked
+    # the partial directory, because a launcher stops all workers once one of them exits.
+    world.barrier()
     raise ForgeError(message)
 
 
-def evaluate_loss(model, examples: Sequence[TokenizedExample], settings: TrainSettings, *, pad_token_id: int) -> float:
+def evaluate_loss(model, examples: Sequence[TokenizedExample], settings: TrainSettings, *, pad_token_id: int,
+                  world: World | None = None) -> float:
     """Return the mean completion loss over all labelled tokens of `examples`, without gradients.
 
     Batches are weighted by their labelled-token count, so the result does not depend on the batch
-    size. The model is put in eval mode (no dropout, which also leaves the random generators
-    untouched) and back in train mode afterwards.
+    size. With a `world` of several processes, each rank computes its contiguous share of the
+    examples and the summed losses and counts are added up, so every rank returns the same value
+    as one process would, up to float rounding. The model is put in eval mode (no dropout, which
+    also leaves the random generators untouched) and back in train mode afterwards.
     """
     import torch
 
+    world = world or World()
+    local = world.shard(list(examples))
     was_training = model.training
     model.eval()
     loss_sum = 0.0
     count = 0
     with torch.inference_mode():
-        for batch in make_batches(examples, settings.batch_size, pad_token_id=pad_token_id, seed=0):
+        batches = make_batches(local, max(1, settings.batch_size // world.size), pad_token_id=pad_token_id,
+                               seed=0) if local else []
+        for batch in batches:
             labelled = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
             if labelled == 0:
                 continue
-            if settings.precision == "autocast":
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss = completion_loss(model, batch)
-            else:
-                loss = completion_loss(model, batch)
-            loss_sum += loss.item() * labelled
+            loss_sum += _micro_batch_loss(model, batch, settings, reduction="sum").item()
             count += labelled
     if was_training:
         model.train()
+
+    totals = world.all_reduce_sum(torch.tensor([loss_sum, float(count)], dtype=torch.float64))
+    loss_sum, count = float(totals[0]), int(totals[1])
     return loss_sum / count if count else math.nan
 
 
@@ -318,7 +345,8 @@ def _batch_stream(examples, settings: TrainSettings, pad_token_id: int, *, skip:
     """Yield batches forever, epoch after epoch, each epoch in a new seeded order; skip the first `skip` batches.
 
     The order depends only on the seed and the epoch, so a resumed run that skips the batches it
-    has already trained on sees the same batches as an uninterrupted run.
+    has already trained on sees the same batches as an uninterrupted run. Under data parallelism
+    every rank builds the same global batches and `_accumulate` takes its share of each.
     """
     batches_per_epoch = math.ceil(len(examples) / settings.batch_size)
     epoch, offset = divmod(skip, batches_per_epoch)
@@ -329,24 +357,73 @@ def _batch_stream(examples, settings: TrainSettings, pad_token_id: int, *, skip:
         epoch += 1
 
 
-def _accumulate(model, batches, settings: TrainSettings, regularizer=None) -> tuple[float, int]:
-    """Run forward and backward on grad_accum batches; return the mean completion loss and the token count."""
+def _micro_batch_loss(model, batch, settings: TrainSettings, *, reduction: str):
     import torch
 
-    total_loss = 0.0
-    tokens = 0
-    for _ in range(settings.grad_accum):
-        batch = next(batches)
-        if settings.precision == "autocast":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = completion_loss(model, batch)
-        else:
-            loss = completion_loss(model, batch)
-        objective = loss if regularizer is None else loss + regularizer()
-        (objective / settings.grad_accum).backward()
-        total_loss += loss.item() / settings.grad_accum
-        tokens += batch.tokens
-    return total_loss, tokens
+    if settings.precision == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return completion_loss(model, batch, reduction)
+    return completion_loss(model, batch, reduction)
+
+
+def _labelled_count(batch) -> int:
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _accumulate(model, batches, settings: TrainSettings, regularizer=None, *, trainable=(),
+                world: World | None = None) -> tuple[float, int]:
+    """Run forward and backward on one optimizer step's micro-batches; return its mean completion loss and token count.
+
+    The step's loss is the mean over all its labelled tokens: those of its grad_accum global
+    micro-batches, of which this rank runs its share. Each share's summed cross-entropy is divided
+    by the step's global labelled-token count, and the gradients of `trainable` are then summed
+    over the ranks. One process with batch 8, two with batch 8, and one with batch 4 and grad_accum
+    2 thus compute the same gradient up to float rounding. The regularizer is weighted so that it
+    counts once per step in total. The loss and token count are those of all ranks together.
+    """
+    world = world or World()
+    micro_batches = [next(batches) for _ in range(settings.grad_accum)]
+    # Every rank builds the same global micro-batches, so each counts the global tokens without communication.
+    labelled = sum(_labelled_count(batch) for batch in micro_batches)
+    tokens = sum(batch.tokens for batch in micro_batches)
+
+    loss_sum = 0.0
+    for batch in micro_batches:
+        objective = None
+        local = _local_batch(batch, world)
+        if local is not None:
+            loss = _micro_batch_loss(model, local, settings, reduction="sum")
+            loss_sum += loss.item()
+            objective = loss / max(labelled, 1)
+        if regularizer is not None:
+            term = regularizer() / (settings.grad_accum * world.size)
+            objective = term if objective is None else objective + term
+        if objective is not None:
+            objective.backward()
+
+    loss_sum = sum_gradients(world, trainable, loss_sum)
+    return (loss_sum / labelled if labelled else math.nan), tokens
+
+
+def _local_batch(batch, world: World):
+    """Return this rank's contiguous share of a batch's rows, cut to its longest row, or None when the share is empty.
+
+    Dropping padding columns on the right changes no real position's output, because attention is causal.
+    """
+    import dataclasses
+
+    import torch
+
+    if world.size == 1:
+        return batch
+    rows = world.shard(range(batch.input_ids.shape[0]))
+    if len(rows) == 0:
+        return None
+    mask = batch.attention_mask[rows.start:rows.stop]
+    width = max(1, int(mask.sum(dim=1).max()))
+    tensors = {field.name: getattr(batch, field.name)[rows.start:rows.stop, :width]
+               for field in dataclasses.fields(batch) if torch.is_tensor(getattr(batch, field.name))}
+    return dataclasses.replace(batch, **tensors, tokens=int(tensors["attention_mask"].sum()))
 
 
 def _optimizer_step(optimizer, masters: MasterWeights | None, trainable, max_grad_norm: float, lr: float,
