@@ -228,6 +228,7 @@ complete -c forge -n '__forge_at finetune' -l max-grad-norm -x -d 'Gradient clip
 complete -c forge -n '__forge_at finetune' -l max-length -x -d 'Maximum tokens per example (prompt, completion and EOS); --overlong sets...'
 complete -c forge -n '__forge_at finetune' -l method -x -a 'adalora boft dora full ia3 lora milora miss oft pissa rslora vera' -d 'Fine-tuning method; --list-methods shows each one\'s options and defaults'
 complete -c forge -n '__forge_at finetune' -l model -r -F -a 'gemma3-270m smollm2-135m' -d 'Base model reference: a built-in name, HF directory or .gguf file (required)'
+complete -c forge -n '__forge_at finetune' -l no-packing -l packing -d 'Pack each micro-batch into one row of real tokens with attention kept inside...'
 complete -c forge -n '__forge_at finetune' -l output -s o -r -F -d 'Directory to write: a PEFT adapter, or an HF model for --method full; plus...'
 complete -c forge -n '__forge_at finetune' -l overlong -x -a 'reject truncate' -d 'Examples longer than --max-length: truncate cuts them (with a warning and...'
 complete -c forge -n '__forge_at finetune' -l overwrite -d 'Replace an existing output directory'

@@ -19,7 +19,7 @@ from llmforge.readers import READ_FORMATS, Records, read_records, resolve_data_p
 __all__ = [
     "READ_FORMATS", "Records", "read_records", "resolve_data_path", "Example", "to_examples",
     "TokenizedExample", "TokenizeStats", "OVERLONG_POLICIES", "tokenize_examples", "Batch", "collate",
-    "PackedBatch", "pack", "make_batches",
+    "PackedBatch", "pack", "batch_order", "make_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -378,14 +378,13 @@ def pack(examples: Sequence[TokenizedExample]) -> PackedBatch:
     return PackedBatch(input_ids, labels, position_ids, segment_index, segment_valid, sum(lengths))
 
 
-def make_batches(examples: Sequence[TokenizedExample], batch_size: int, *, pad_token_id: int,
-                 seed: int = 0, group_size: int = 64, packed: bool = False) -> list[Batch | PackedBatch]:
-    """Return one epoch of length-grouped batches in a seeded random order, padded or packed.
+def batch_order(examples: Sequence[TokenizedExample], batch_size: int, *, seed: int = 0,
+                group_size: int = 64) -> list[list[TokenizedExample]]:
+    """Return one epoch of length-grouped batches of examples in a seeded random order.
 
     Examples are shuffled, then sorted by length inside windows of group_size batches, cut into
     batches, and the batch order is shuffled again. Padding waste stays small while batches
-    remain random. With `packed`, each batch of the same order is one `PackedBatch` row instead,
-    so a packed and a padded epoch train on the same examples in the same steps.
+    remain random.
     """
     if batch_size < 1:
         raise ForgeError(f"invalid batch size {batch_size}; it must be at least 1")
@@ -398,8 +397,17 @@ def make_batches(examples: Sequence[TokenizedExample], batch_size: int, *, pad_t
     for start in range(0, len(order), window):
         chunk = sorted(order[start:start + window], key=lambda i: len(examples[i].input_ids))
         for offset in range(0, len(chunk), batch_size):
-            selected = [examples[i] for i in chunk[offset:offset + batch_size]]
-            batches.append(pack(selected) if packed else collate(selected, pad_token_id))
+            batches.append([examples[i] for i in chunk[offset:offset + batch_size]])
 
     rng.shuffle(batches)
     return batches
+
+
+def make_batches(examples: Sequence[TokenizedExample], batch_size: int, *, pad_token_id: int,
+                 seed: int = 0, group_size: int = 64, packed: bool = False) -> list[Batch | PackedBatch]:
+    """Return `batch_order`'s batches as padded tensors, or with `packed` as one PackedBatch row each.
+
+    A packed and a padded epoch of the same seed train on the same examples in the same steps.
+    """
+    batches = batch_order(examples, batch_size, seed=seed, group_size=group_size)
+    return [pack(batch) if packed else collate(batch, pad_token_id) for batch in batches]

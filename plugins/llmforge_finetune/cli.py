@@ -109,6 +109,9 @@ def print_plan(plan: dict) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the adapter init, data order and dropout.")
 @click.option("--bf16/--no-bf16", default=True, show_default=True,
               help="Run the model and trainable weights in bf16 with fp32 master weights; --no-bf16 runs fp32.")
+@click.option("--packing/--no-packing", default=True, show_default=True,
+              help="Pack each micro-batch into one row of real tokens with attention kept inside each example, so "
+                   "no padding is computed; --no-packing pads each example to the batch's longest.")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for torch (default: torch's choice, one per core). Use 1 when other jobs share the CPU.")
 @click.option("--limit", type=int, help="Use only the first N records of the data file.")
@@ -131,8 +134,8 @@ def print_plan(plan: dict) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary on stderr.")
 def finetune_command(model, data, output, fmt, prompt_template, completion_template, columns, method, list_methods,
                      rank, alpha, dropout, block_size, target_modules, budget, dry_run, steps, epochs, batch_size,
-                     grad_accum, lr, warmup_steps, schedule, max_grad_norm, max_length, overlong, seed, bf16, threads,
-                     limit, eval_split, eval_data, eval_every, save_every, resume, overwrite, as_json, quiet):
+                     grad_accum, lr, warmup_steps, schedule, max_grad_norm, max_length, overlong, seed, bf16, packing,
+                     threads, limit, eval_split, eval_data, eval_every, save_every, resume, overwrite, as_json, quiet):
     """Fine-tune a model with a PEFT method (or fully) on a data file and write the result.
 
     The loss covers completion tokens only (all tokens for plain text). PEFT methods write a
@@ -169,7 +172,8 @@ def finetune_command(model, data, output, fmt, prompt_template, completion_templ
                               target_modules=target_modules),
         train=TrainSettings(steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                             lr=spec.lr if lr is None else lr, warmup_steps=warmup_steps, schedule=schedule,
-                            max_grad_norm=max_grad_norm, seed=seed, precision="bf16" if bf16 else "fp32"),
+                            max_grad_norm=max_grad_norm, seed=seed, precision="bf16" if bf16 else "fp32",
+                            packing=packing),
         budget=None if budget is None else parse_budget(budget), max_length=max_length, overlong=overlong, limit=limit,
         overwrite=overwrite, progress=not quiet, dry_run=dry_run, eval_split=eval_split, eval_data=eval_data,
         eval_every=eval_every, save_every=save_every, resume=resume,

@@ -215,7 +215,8 @@ def resume_settings(request: FinetuneRequest, spec: MethodSpec, plan: dict, sett
     for name, value in plan["options"].items():
         values[OPTION_FLAGS.get(name, "--" + name.replace("_", "-"))] = value
     for name, value in dataclasses.asdict(settings).items():
-        values["--bf16/--no-bf16" if name == "precision" else "--" + name.replace("_", "-")] = value
+        flag = {"precision": "--bf16/--no-bf16", "packing": "--packing/--no-packing"}.get(name)
+        values[flag or "--" + name.replace("_", "-")] = value
     return values
 
 

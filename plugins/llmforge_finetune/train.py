@@ -23,10 +23,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from llmforge.data import IGNORE_INDEX, TokenizedExample, make_batches
+from llmforge.data import IGNORE_INDEX, PackedBatch, TokenizedExample, batch_order, collate, make_batches, pack
 from llmforge.errors import ForgeError
 
 from llmforge_finetune.distributed import World, broadcast_parameters, sum_gradients
+from llmforge_finetune.packing import training_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     seed: int = 0
     precision: str = "bf16"
+    packing: bool = True
 
     def validate(self) -> None:
         """Raise ForgeError on a value that cannot train."""
@@ -133,6 +135,8 @@ def completion_loss(model, batch, reduction: str = "mean"):
     import torch
     import torch.nn.functional as F
 
+    from llmforge_finetune.packing import packed_forward
+
     labels = batch.labels[:, 1:]
     mask = labels != IGNORE_INDEX
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -143,7 +147,10 @@ def completion_loss(model, batch, reduction: str = "mean"):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         return F.cross_entropy(logits[mask].float(), labels[mask], reduction=reduction)
 
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    if isinstance(batch, PackedBatch):
+        hidden = packed_forward(decoder, batch)
+    else:
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     logits = head(hidden[:, :-1][mask]).float()
     softcap = getattr(base.config, "final_logit_softcapping", None)
     if softcap:
@@ -229,39 +236,35 @@ def train(model, examples: Sequence[TokenizedExample], settings: TrainSettings, 
     warmup = settings.warmup(total)
     result = _start_result(settings, partial, named, masters, optimizer, model, world)
     first = result.steps
-    batches = _batch_stream(examples, settings, pad_token_id, skip=first * settings.grad_accum)
+    batches = _batch_stream(examples, settings, skip=first * settings.grad_accum)
 
     model.train()
     bar = tqdm(total=total, initial=first, desc="finetune", unit="step", disable=not (progress and world.is_main),
                dynamic_ncols=True)
     start = time.perf_counter() - result.seconds
-    for step in range(first, total):
-        loss, tokens = _accumulate(model, batches, settings, regularizer, trainable=trainable, world=world)
-        if not math.isfinite(loss):
-            bar.close()
-            _raise_non_finite(loss, step + 1, settings, partial, world)
+    with training_kernels(model, packing=settings.packing) as packing:
+        make_batch = pack if packing else lambda rows: collate(rows, pad_token_id)
+        for step in range(first, total):
+            loss, tokens = _accumulate(model, batches, settings, regularizer, trainable=trainable, world=world,
+                                       make_batch=make_batch)
+            if not math.isfinite(loss):
+                bar.close()
+                _raise_non_finite(loss, step + 1, settings, partial, world)
 
-        lr = learning_rate(step, base=settings.lr, warmup=warmup, total=total, schedule=settings.schedule)
-        _optimizer_step(optimizer, masters, trainable, settings.max_grad_norm, lr,
-                        None if step_hook is None else lambda: step_hook(step))
+            lr = learning_rate(step, base=settings.lr, warmup=warmup, total=total, schedule=settings.schedule)
+            _optimizer_step(optimizer, masters, trainable, settings.max_grad_norm, lr,
+                            None if step_hook is None else lambda: step_hook(step))
 
-        result.steps += 1
-        result.tokens += tokens
-        result.loss_curve.append(round(loss, 5))
-        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
-        if held_out is not None and held_out.is_due(step + 1, total):
-            eval_loss = evaluate_loss(model, held_out.examples, settings, pad_token_id=pad_token_id, world=world)
-            result.eval_curve.append([step + 1, round(eval_loss, 6)])
-        if result.eval_curve:
-            postfix["eval_loss"] = f"{result.eval_curve[-1][1]:.4f}"
-        bar.update(1)
-        bar.set_postfix(postfix)
-        if partial is not None and partial.is_due(step + 1, total):
-            result.seconds = time.perf_counter() - start
-            # Each rank's dropout has drawn from its own generator, so every rank's state is saved.
-            rng_states = world.all_gather(torch.get_rng_state())
-            if world.is_main:
-                partial.save(step + 1, result, named, masters, optimizer, model, rng_states=rng_states)
+            result.steps += 1
+            result.tokens += tokens
+            result.loss_curve.append(round(loss, 5))
+            if held_out is not None and held_out.is_due(step + 1, total):
+                eval_loss = evaluate_loss(model, held_out.examples, settings, pad_token_id=pad_token_id, world=world)
+                result.eval_curve.append([step + 1, round(eval_loss, 6)])
+            _show_step(bar, loss, lr, result)
+            if partial is not None and partial.is_due(step + 1, total):
+                result.seconds = time.perf_counter() - start
+                _save_partial(partial, step + 1, result, named, masters, optimizer, model, world)
 
     result.seconds = time.perf_counter() - start
     bar.close()
@@ -269,6 +272,23 @@ def train(model, examples: Sequence[TokenizedExample], settings: TrainSettings, 
         masters.promote_model_to_fp32()
     model.eval()
     return result
+
+
+def _show_step(bar, loss: float, lr: float, result: TrainResult) -> None:
+    postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+    if result.eval_curve:
+        postfix["eval_loss"] = f"{result.eval_curve[-1][1]:.4f}"
+    bar.update(1)
+    bar.set_postfix(postfix)
+
+
+def _save_partial(partial, step: int, result: TrainResult, named, masters, optimizer, model, world: World) -> None:
+    import torch
+
+    # Each rank's dropout has drawn from its own generator, so every rank's state is saved.
+    rng_states = world.all_gather(torch.get_rng_state())
+    if world.is_main:
+        partial.save(step, result, named, masters, optimizer, model, rng_states=rng_states)
 
 
 def _start_result(settings: TrainSettings, partial, named, masters, optimizer, model, world: World) -> TrainResult:
@@ -324,9 +344,9 @@ def evaluate_loss(model, examples: Sequence[TokenizedExample], settings: TrainSe
     model.eval()
     loss_sum = 0.0
     count = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), training_kernels(model, packing=settings.packing, dropout=False) as packing:
         batches = make_batches(local, max(1, settings.batch_size // world.size), pad_token_id=pad_token_id,
-                               seed=0) if local else []
+                               seed=0, packed=packing) if local else []
         for batch in batches:
             labelled = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
             if labelled == 0:
@@ -341,8 +361,8 @@ def evaluate_loss(model, examples: Sequence[TokenizedExample], settings: TrainSe
     return loss_sum / count if count else math.nan
 
 
-def _batch_stream(examples, settings: TrainSettings, pad_token_id: int, *, skip: int = 0):
-    """Yield batches forever, epoch after epoch, each epoch in a new seeded order; skip the first `skip` batches.
+def _batch_stream(examples, settings: TrainSettings, *, skip: int = 0):
+    """Yield global micro-batches (lists of examples) forever, each epoch in a new seeded order; skip the first `skip`.
 
     The order depends only on the seed and the epoch, so a resumed run that skips the batches it
     has already trained on sees the same batches as an uninterrupted run. Under data parallelism
@@ -351,8 +371,7 @@ def _batch_stream(examples, settings: TrainSettings, pad_token_id: int, *, skip:
     batches_per_epoch = math.ceil(len(examples) / settings.batch_size)
     epoch, offset = divmod(skip, batches_per_epoch)
     while True:
-        batches = make_batches(examples, settings.batch_size, pad_token_id=pad_token_id, seed=settings.seed + epoch)
-        yield from batches[offset:]
+        yield from batch_order(examples, settings.batch_size, seed=settings.seed + epoch)[offset:]
         offset = 0
         epoch += 1
 
@@ -366,33 +385,35 @@ def _micro_batch_loss(model, batch, settings: TrainSettings, *, reduction: str):
     return completion_loss(model, batch, reduction)
 
 
-def _labelled_count(batch) -> int:
-    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+def _labelled_count(example: TokenizedExample) -> int:
+    """Labelled tokens of an example that the loss counts: all but the first token's, which nothing predicts."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
 
 
 def _accumulate(model, batches, settings: TrainSettings, regularizer=None, *, trainable=(),
-                world: World | None = None) -> tuple[float, int]:
+                world: World | None = None, make_batch: Callable = pack) -> tuple[float, int]:
     """Run forward and backward on one optimizer step's micro-batches; return its mean completion loss and token count.
 
     The step's loss is the mean over all its labelled tokens: those of its grad_accum global
-    micro-batches, of which this rank runs its share. Each share's summed cross-entropy is divided
-    by the step's global labelled-token count, and the gradients of `trainable` are then summed
-    over the ranks. One process with batch 8, two with batch 8, and one with batch 4 and grad_accum
-    2 thus compute the same gradient up to float rounding. The regularizer is weighted so that it
-    counts once per step in total. The loss and token count are those of all ranks together.
+    micro-batches, of which this rank runs its contiguous share of examples, turned into tensors
+    by `make_batch` (packed or padded). Each share's summed cross-entropy is divided by the step's
+    global labelled-token count, and the gradients of `trainable` are then summed over the ranks.
+    One process with batch 8, two with batch 8, and one with batch 4 and grad_accum 2 thus compute
+    the same gradient up to float rounding. The regularizer is weighted so that it counts once per
+    step in total. The loss and token count are those of all ranks together.
     """
     world = world or World()
     micro_batches = [next(batches) for _ in range(settings.grad_accum)]
     # Every rank builds the same global micro-batches, so each counts the global tokens without communication.
-    labelled = sum(_labelled_count(batch) for batch in micro_batches)
-    tokens = sum(batch.tokens for batch in micro_batches)
+    labelled = sum(_labelled_count(example) for rows in micro_batches for example in rows)
+    tokens = sum(len(example.input_ids) for rows in micro_batches for example in rows)
 
     loss_sum = 0.0
-    for batch in micro_batches:
+    for rows in micro_batches:
         objective = None
-        local = _local_batch(batch, world)
-        if local is not None:
-            loss = _micro_batch_loss(model, local, settings, reduction="sum")
+        local = world.shard(rows)
+        if local:
+            loss = _micro_batch_loss(model, make_batch(local), settings, reduction="sum")
             loss_sum += loss.item()
             objective = loss / max(labelled, 1)
         if regularizer is not None:
@@ -403,27 +424,6 @@ def _accumulate(model, batches, settings: TrainSettings, regularizer=None, *, tr
 
     loss_sum = sum_gradients(world, trainable, loss_sum)
     return (loss_sum / labelled if labelled else math.nan), tokens
-
-
-def _local_batch(batch, world: World):
-    """Return this rank's contiguous share of a batch's rows, cut to its longest row, or None when the share is empty.
-
-    Dropping padding columns on the right changes no real position's output, because attention is causal.
-    """
-    import dataclasses
-
-    import torch
-
-    if world.size == 1:
-        return batch
-    rows = world.shard(range(batch.input_ids.shape[0]))
-    if len(rows) == 0:
-        return None
-    mask = batch.attention_mask[rows.start:rows.stop]
-    width = max(1, int(mask.sum(dim=1).max()))
-    tensors = {field.name: getattr(batch, field.name)[rows.start:rows.stop, :width]
-               for field in dataclasses.fields(batch) if torch.is_tensor(getattr(batch, field.name))}
-    return dataclasses.replace(batch, **tensors, tokens=int(tensors["attention_mask"].sum()))
 
 
 def _optimizer_step(optimizer, masters: MasterWeights | None, trainable, max_grad_norm: float, lr: float,
