@@ -21,11 +21,6 @@ BUDGET_PATTERN = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?)\s
 # large ranks. Its frozen shared matrices (rank x max dimension, not counted) grow with the rank too,
 # and this cap is a guess, not a measured memory limit.
 VERA_MAX_RANK = 65536
-# A method with a fixed trainable count (IA3, full) cannot follow --budget. Within this factor of
-# the budget the run is still of the requested size class, so a warning is enough. Further off,
-# the user most likely meant a sized method (a sweep that gives every method the same budget,
-# say), and a run of a very different size would waste its time, so it is an error.
-FIXED_COUNT_FACTOR = 2
 
 
 def parse_budget(text: str) -> int:
@@ -148,12 +143,12 @@ def match_budget(model_config, spec: MethodSpec, values: dict[str, Any], budget:
     Counts grow with the size for every method here, so a binary search finds the first size at
     or over the budget and compares it with the size before. Sizes that peft rejects for this
     model are dropped from the search. Raises ForgeError when the budget is below the count of
-    the smallest valid size or above that of the largest, and for a method with a fixed count
-    when the budget is more than FIXED_COUNT_FACTOR times away from that count.
+    the smallest valid size or above that of the largest. A method with a fixed count (IA3, full)
+    returns that count unmatched: a sweep that gives every method the same budget still runs it,
+    and the run record states how far off the count is.
     """
     if spec.size_option is None:
         trainable, _ = count_parameters(model_config, spec, values)
-        check_fixed_count(spec, budget, trainable, model_name)
         return BudgetMatch(budget, None, None, trainable, matched=False)
 
     sizes = candidate_sizes(model_config, spec, values)
@@ -211,16 +206,6 @@ def check_reachable(spec: MethodSpec, budget: int, sizes: list[int], count, mode
         raise ForgeError(f"--budget {budget:,} is above the largest {spec.title} size ({flag} {largest}: "
                          f"{count(largest):,} parameters) on {model_name}; {reach}. Lower --budget or choose "
                          "a method with more parameters (forge finetune --list-methods)")
-
-
-def check_fixed_count(spec: MethodSpec, budget: int, trainable: int, model_name: str) -> None:
-    """Raise ForgeError when a fixed-count method's count is more than FIXED_COUNT_FACTOR times off `budget`."""
-    if budget / FIXED_COUNT_FACTOR <= trainable <= budget * FIXED_COUNT_FACTOR:
-        return
-    raise ForgeError(f"--budget {budget:,} cannot be met by --method {spec.name}: {spec.title} has no size option "
-                     f"and trains {trainable:,} parameters on {model_name}, more than a factor of "
-                     f"{FIXED_COUNT_FACTOR} away; drop --budget, or choose a method with a size option "
-                     "(--rank or --block-size; see forge finetune --list-methods)")
 
 
 def memory_estimate(model_config, *, total: int, trainable: int, full: bool, precision: str, batch_size: int,

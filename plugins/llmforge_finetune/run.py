@@ -129,8 +129,9 @@ def plan_run(request: FinetuneRequest, cache) -> dict[str, Any]:
         if match.matched:
             values = {**values, spec.size_option: match.size}
         else:
-            logger.warning("--method %s has no size option, so --budget %d cannot be matched; it trains %d parameters",
-                           spec.name, request.budget, match.trainable)
+            logger.warning("--method %s has no size option, so --budget %d cannot be matched; it trains %d parameters "
+                           "(%.2fx the budget)", spec.name, request.budget, match.trainable,
+                           match.trainable / request.budget)
 
     try:
         trainable, total = count_parameters(model_config, spec, values)
