@@ -42,7 +42,7 @@ _forge_command() {
             _forge_options=(--baseline --batch-size --data-dir --dtype --general --help --json --limit --list-tasks --model --no-cache --output --quiet --seed --target --task-file -h -o)
             ;;
         'forge finetune')
-            _forge_options=(--alpha --batch-size --bf16 --block-size --budget --column --completion-template --data --dropout --dry-run --epochs --eval-data --eval-every --eval-split --format --grad-accum --help --json --limit --list-methods --lr --max-grad-norm --max-length --method --model --no-bf16 --no-packing --output --overlong --overwrite --packing --prompt-template --quiet --rank --resume --save-every --schedule --seed --steps --target-modules --threads --warmup-steps -h -o)
+            _forge_options=(--alpha --batch-size --bf16 --block-size --budget --column --completion-template --data --dropout --dry-run --epochs --eval-data --eval-every --eval-split --format --grad-accum --help --json --limit --list-methods --lr --max-grad-norm --max-length --merge --method --model --no-bf16 --no-packing --output --overlong --overwrite --packing --prompt-template --quiet --rank --resume --save-every --schedule --seed --steps --target-modules --threads --warmup-steps -h -o)
             ;;
         'forge models')
             _forge_options=(--help --json -h)

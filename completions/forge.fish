@@ -226,6 +226,7 @@ complete -c forge -n '__forge_at finetune' -l list-methods -d 'List the methods 
 complete -c forge -n '__forge_at finetune' -l lr -x -d 'Peak learning rate of AdamW (default 2e-4, 5e-5 for --method full)'
 complete -c forge -n '__forge_at finetune' -l max-grad-norm -x -d 'Gradient clipping threshold (L2 norm)'
 complete -c forge -n '__forge_at finetune' -l max-length -x -d 'Maximum tokens per example (prompt, completion and EOS); --overlong sets...'
+complete -c forge -n '__forge_at finetune' -l merge -d 'Also write the merged model (base weights plus the adapter\'s update) as an...'
 complete -c forge -n '__forge_at finetune' -l method -x -a 'adalora boft dora full ia3 lora milora miss oft pissa rslora vera' -d 'Fine-tuning method; --list-methods shows each one\'s options and defaults'
 complete -c forge -n '__forge_at finetune' -l model -r -F -a 'gemma3-270m smollm2-135m' -d 'Base model reference: a built-in name, HF directory or .gguf file (required)'
 complete -c forge -n '__forge_at finetune' -l no-packing -l packing -d 'Pack each micro-batch into one row of real tokens with attention kept inside...'

@@ -123,6 +123,40 @@ def test_adapter_loads_with_peft_and_forge(tiny_model_dir, qa_data, tmp_path):
     assert torch.allclose(peft_logits, forge_logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "oft"])
+def test_merge_writes_model_equal_to_adapter(tiny_model_dir, qa_data, tmp_path, method):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "adapter"
+    result = invoke(*base_args(tiny_model_dir, qa_data, output, "--lr", "5e-2", "--method", method, "--merge",
+                               "--json"))
+    assert result.exit_code == 0, result.output
+
+    merged_dir = output / "merged"
+    assert json.loads(result.stdout)["merged_model"] == str(merged_dir.resolve())
+    assert json.loads((output / "forge_run.json").read_text())["merged_model_digest"].startswith("sha256:")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        adapter_logits = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                                   output).eval()(ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(ids).logits
+    assert not torch.allclose(base_logits, merged_logits)
+    # OFT merges its rotation in a different order of float operations than its forward pass.
+    assert torch.allclose(adapter_logits, merged_logits, atol=1e-3)
+    assert (merged_dir / "tokenizer.json").is_file()
+
+
+def test_merge_rejected_for_full(tiny_model_dir, qa_data, tmp_path):
+    output = tmp_path / "model"
+    result = invoke(*base_args(tiny_model_dir, qa_data, output, "--method", "full", "--merge"))
+    assert result.exit_code == 1
+    assert "--merge applies to adapter methods" in result.stderr
+    assert not output.exists()
+
+
 def test_task_vector_in_cache_equals_lora_product(tiny_model_dir, qa_data, tmp_path):
     from safetensors.torch import load_file
 

@@ -1,4 +1,8 @@
-"""The `forge eval` command: a thin click layer over `llmforge_eval.evaluate.evaluate`."""
+"""The `forge eval` group: scoring (a thin click layer over `llmforge_eval.evaluate.evaluate`) and its diagnostics.
+
+`forge eval --model ...` scores models; the subcommands (`forge eval spectra`, ...) are added
+with `eval_command.add_command` at the end of this module.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ def _silence_progress_bars() -> None:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
-@click.command(name="eval")
+@click.group(name="eval", invoke_without_command=True)
 @click.option("--model", "models", multiple=True, metavar="REF",
               help="Model to evaluate (built-in name, HF dir, .gguf file or PEFT adapter dir); repeatable.")
 @click.option("--target", metavar="TASKS", help=f"Target tasks (plasticity). {_HELP_TASKS}")
@@ -64,7 +68,8 @@ def _silence_progress_bars() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines on stderr.")
 @click.option("--no-cache", is_flag=True, help="Recompute every score; neither read nor write cached scores.")
 @click.option("--list-tasks", is_flag=True, help="List the available tasks and exit.")
-def eval_command(models, target, general, baseline, limit, seed, batch_size, task_files, data_dir, dtype,
+@click.pass_context
+def eval_command(ctx, models, target, general, baseline, limit, seed, batch_size, task_files, data_dir, dtype,
                  as_json, output, quiet, no_cache, list_tasks):
     """Evaluate models on target and general tasks and report scores, standard errors and deltas.
 
@@ -77,11 +82,15 @@ def eval_command(models, target, general, baseline, limit, seed, batch_size, tas
     forge eval --model smollm2-135m --target arith --general facts
     forge eval --model ./adapter --baseline smollm2-135m --target arith --general facts -o report.json
     forge eval --list-tasks
+
+    The subcommands below run diagnostics instead of scoring; `forge eval COMMAND --help` describes each.
     """
     from llmforge.checkpoint import write_json
     from llmforge_eval.evaluate import evaluate
     from llmforge_eval.report import format_table
 
+    if ctx.invoked_subcommand is not None:
+        return
     if list_tasks:
         _print_task_list(task_files, as_json)
         return
@@ -102,3 +111,6 @@ def eval_command(models, target, general, baseline, limit, seed, batch_size, tas
         click.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:
         click.echo(format_table(report))
+
+
+# Diagnostics subcommands, each a thin click layer in its own module.

@@ -129,13 +129,17 @@ def print_plan(plan: dict) -> None:
                    "weights, AdamW state, scheduler step, torch and Python random states, data order position and "
                    "the run settings; other settings than the saved ones are rejected (after a NaN stop, --lr and "
                    "--max-grad-norm may change). A finished run removes OUTPUT.partial/.")
+@click.option("--merge", is_flag=True,
+              help="Also write the merged model (base weights plus the adapter's update) as an HF model directory "
+                   "in OUTPUT/merged/.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary (or the dry-run plan, or the method list) as one JSON document on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary on stderr.")
 def finetune_command(model, data, output, fmt, prompt_template, completion_template, columns, method, list_methods,
                      rank, alpha, dropout, block_size, target_modules, budget, dry_run, steps, epochs, batch_size,
                      grad_accum, lr, warmup_steps, schedule, max_grad_norm, max_length, overlong, seed, bf16, packing,
-                     threads, limit, eval_split, eval_data, eval_every, save_every, resume, overwrite, as_json, quiet):
+                     threads, limit, eval_split, eval_data, eval_every, save_every, resume, merge, overwrite, as_json,
+                     quiet):
     """Fine-tune a model with a PEFT method (or fully) on a data file and write the result.
 
     The loss covers completion tokens only (all tokens for plain text). PEFT methods write a
@@ -176,7 +180,7 @@ def finetune_command(model, data, output, fmt, prompt_template, completion_templ
                             packing=packing),
         budget=None if budget is None else parse_budget(budget), max_length=max_length, overlong=overlong, limit=limit,
         overwrite=overwrite, progress=not quiet, dry_run=dry_run, eval_split=eval_split, eval_data=eval_data,
-        eval_every=eval_every, save_every=save_every, resume=resume,
+        eval_every=eval_every, save_every=save_every, resume=resume, merge=merge,
     )
     summary = run_finetune(request, command=["forge", *sys.argv[1:]] if sys.argv else None)
     if summary is None:

@@ -53,6 +53,7 @@ class FinetuneRequest:
     eval_every: int | None = None
     save_every: int | None = None
     resume: bool = False
+    merge: bool = False
 
     def validate(self) -> tuple[MethodSpec, dict[str, Any]]:
         """Raise ForgeError on invalid settings before anything is loaded; return the method and its option values."""
@@ -63,6 +64,8 @@ class FinetuneRequest:
             raise ForgeError(f"pass either --budget or {flag} for --method {spec.name}, not both; "
                              f"--budget chooses {flag}")
         self.train.validate()
+        if self.merge and spec.name == "full":
+            raise ForgeError("--merge applies to adapter methods; --method full already writes the whole model")
         if self.max_length < 2:
             raise ForgeError(f"invalid --max-length {self.max_length}; it must be at least 2 tokens")
         if self.overlong not in OVERLONG_POLICIES:
@@ -403,6 +406,7 @@ def _summary(request: FinetuneRequest, spec: MethodSpec, plan: dict, result, tra
     """Return the run's summary; `tokens` and `tokens_per_second` count the tokens of all processes."""
     return {
         "output": str(Path(request.output).resolve()),
+        "merged_model": str(Path(request.output).resolve() / "merged") if request.merge else None,
         "method": spec.name,
         "size_option": plan["size_option"],
         "size": plan["size"],
