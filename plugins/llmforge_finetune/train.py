@@ -10,7 +10,9 @@ linear layers and batches of 8 demo examples (about 265 tokens), forward + backw
   fp32 throughout (`precision="fp32"`): ~1.4 s, ~190 tokens/s;
   torch.autocast(bfloat16) on the fp32 model (`precision="autocast"`): ~1.7 s, ~155 tokens/s.
 bf16 with masters is the default: over 15 steps its loss went 2.91 -> 1.33, fp32 2.91 -> 1.29. These
-numbers are estimates from short runs on a machine shared with other jobs.
+numbers are estimates from short runs on a machine shared with other jobs, measured before
+packing (`TrainSettings.packing`, see packing.py) and the cheaper adapter dropout (dropout.py)
+raised the bf16 rate on the same demo batches to about 340 tokens/s.
 NOTE: when another process keeps both cores busy, two OpenMP threads per process can run 10-20x
 slower than usual (spin-waiting at barriers). `forge finetune --threads 1` avoids that.
 """
