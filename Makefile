@@ -41,6 +41,8 @@ bench: $(BIN)/forge
 	$(BIN)/python benchmarks/bench_model_load.py
 	$(BIN)/python benchmarks/bench_eval_cache.py
 	$(BIN)/python benchmarks/bench_finetune.py
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/bench_eval_lm_eval.py
 
 completions: $(BIN)/forge
 	$(BIN)/python -m llmforge.completion --write completions

@@ -301,3 +301,155 @@ def test_perplexity_interval_is_normal():
     entry = _task_result(result, "general", None)
     assert entry["ci95_method"] == "normal"
     assert entry["ci95"] == pytest.approx([20.0 - 1.959964 * 2.0, 20.0 + 1.959964 * 2.0])
+
+
+def test_shared_context_scores_equal_pairwise(tiny):
+    from llmforge_eval.multiple_choice import ChoiceExample, shared_context_loglikelihoods
+
+    examples = [ChoiceExample("Question: what is two plus two?\nAnswer:", (" four", " five", " a large number"), 0),
+                ChoiceExample("The sky is", (" blue", " green"), 0),
+                ChoiceExample("Pick one", (" x", " y y y y", " z z"), 2)]
+    pairs = [(example.context, text) for example in examples for text in example.continuations]
+
+    pairwise = continuation_loglikelihoods(tiny.model, tiny.tokenizer, pairs, batch_size=1)
+    shared = shared_context_loglikelihoods(tiny.model, tiny.tokenizer, examples, batch_size=2)
+
+    flat = [score for scores in shared for score in scores]
+    assert [len(scores) for scores in shared] == [3, 2, 3]
+    assert flat == pytest.approx(pairwise, rel=1e-4, abs=1e-4)
+
+
+# Report statistics and the Pareto frontier, against values computed by hand.
+
+
+@pytest.mark.parametrize(
+    ("p1", "n1", "p2", "n2", "z", "p_value"),
+    [
+        # pooled p = 0.55, SE = sqrt(0.55 * 0.45 * (1/100 + 1/100)) = 0.0703562, z = 0.1 / SE
+        (0.6, 100, 0.5, 100, 1.4213381, 0.1552185),
+        # pooled p = (15 + 75) / 200 = 0.45, SE = sqrt(0.2475 * (1/50 + 1/150)) = 0.0812404
+        (0.3, 50, 0.5, 150, -2.4618298, 0.0138230),
+        (0.0, 10, 0.0, 20, 0.0, 1.0),
+        (1.0, 10, 1.0, 10, 0.0, 1.0),
+    ],
+)
+def test_two_proportion_z_test_by_hand(p1, n1, p2, n2, z, p_value):
+    from llmforge_eval.report import two_proportion_z_test
+
+    got_z, got_p = two_proportion_z_test(p1, n1, p2, n2)
+    assert got_z == pytest.approx(z, abs=1e-6)
+    assert got_p == pytest.approx(p_value, abs=1e-6)
+
+
+def test_mean_and_difference_stderr_by_hand():
+    from llmforge_eval.report import difference_stderr, mean_stderr
+
+    # sqrt(0.03^2 + 0.04^2) = 0.05, divided by 2 tasks
+    assert mean_stderr([0.03, 0.04]) == pytest.approx(0.025)
+    assert mean_stderr([0.05]) == pytest.approx(0.05)
+    assert mean_stderr([]) is None
+    assert mean_stderr([0.03, None]) is None
+    assert difference_stderr(0.03, 0.04) == pytest.approx(0.05)
+    assert difference_stderr(None, 0.04) is None
+
+
+def test_pareto_frontier_hand_example():
+    from llmforge_eval.pareto import pareto_frontier
+
+    points = [
+        (0.5, 0.5),  # on the frontier
+        (0.6, 0.4),  # on the frontier: best general score
+        (0.4, 0.4),  # dominated by (0.5, 0.5)
+        (0.5, 0.5),  # equal to the first point, which does not dominate it
+        (0.6, 0.3),  # dominated by (0.6, 0.4): same general score, lower target score
+        (0.2, 0.7),  # on the frontier: best target score
+    ]
+    assert pareto_frontier(points) == [True, True, False, True, False, True]
+    assert pareto_frontier([]) == []
+    assert pareto_frontier([(0.1, 0.1)]) == [True]
+
+
+def report_fixture(tmp_path):
+    """Two hand-written model entries (baseline and tuned) on an accuracy target, two accuracies and a perplexity."""
+    from llmforge_eval.evaluate import SelectedTask
+
+    data = tmp_path / "data.txt"
+    data.write_text("x")
+    specs = [("math", "target", {"kind": "generate", "prompt": "{q}", "reference": "{a}"}),
+             ("quiz", "general", {"kind": "multiple_choice", "prompt": "{q}", "choices": ["a", "b"], "answer": "a"}),
+             ("trivia", "general", {"kind": "multiple_choice", "prompt": "{q}", "choices": ["a", "b"], "answer": "a"}),
+             ("wiki", "general", {"kind": "perplexity"})]
+    tasks = [SelectedTask(parse_spec({"name": name, "data": str(data), **fields}), role, data, f"sha256:{name}")
+             for name, role, fields in specs]
+
+    def result(metric, score, stderr, n, higher=True):
+        return {"metric": metric, "score": score, "stderr": stderr, "n": n, "higher_is_better": higher, "cached": False}
+
+    entries = {
+        "base": {"reference": "base", "digest": "sha256:base", "tasks": {
+            "math": result("numeric_match", 0.5, 0.05, 100), "quiz": result("acc", 0.6, 0.03, 200),
+            "trivia": result("acc", 0.8, 0.04, 100), "wiki": result("perplexity", 20.0, 0.5, 10, higher=False)}},
+        "tuned": {"reference": "tuned", "digest": "sha256:tuned", "tasks": {
+            "math": result("numeric_match", 0.6, 0.04, 100), "quiz": result("acc", 0.5, 0.035, 200),
+            "trivia": result("acc", 0.7, 0.045, 100), "wiki": result("perplexity", 22.0, 0.6, 10, higher=False)}},
+    }
+    return tasks, entries
+
+
+def test_report_deltas_tests_and_pareto(tmp_path):
+    from llmforge_eval.report import build_report
+
+    tasks, entries = report_fixture(tmp_path)
+    report = build_report(tasks, entries, ["tuned"], "base", {"seed": 0})
+    base, tuned = report["results"]
+
+    assert tuned["tasks"]["math"]["delta"] == pytest.approx(0.1)
+    assert tuned["tasks"]["math"]["delta_stderr"] == pytest.approx(math.sqrt(0.05**2 + 0.04**2))
+    assert tuned["tasks"]["math"]["test"]["z"] == pytest.approx(1.4213381, abs=1e-6)
+    assert tuned["tasks"]["math"]["test"]["p_value"] == pytest.approx(0.1552185, abs=1e-6)
+    assert tuned["tasks"]["wiki"]["test"]["name"] is None
+    assert "paired test" in tuned["tasks"]["wiki"]["test"]["note"]
+    assert "test" not in base["tasks"]["math"]
+
+    # general = mean(0.6, 0.8) = 0.7 with SE sqrt(0.03^2 + 0.04^2) / 2 = 0.025; perplexity stays out.
+    assert base["summary"]["general_score"] == pytest.approx(0.7)
+    assert base["summary"]["general_stderr"] == pytest.approx(0.025)
+    assert base["summary"]["excluded_from_mean"] == ["wiki"]
+    assert tuned["summary"]["general_score"] == pytest.approx(0.6)
+    assert tuned["summary"]["general_delta"] == pytest.approx(-0.1)
+    tuned_stderr = math.sqrt(0.035**2 + 0.045**2) / 2
+    assert tuned["summary"]["general_stderr"] == pytest.approx(tuned_stderr)
+    assert tuned["summary"]["general_delta_stderr"] == pytest.approx(math.sqrt(tuned_stderr**2 + 0.025**2))
+    assert tuned["summary"]["target_delta"] == pytest.approx(0.1)
+
+    # base (0.7, 0.5) and tuned (0.6, 0.6): neither dominates the other.
+    assert [point["on_frontier"] for point in report["pareto"]["points"]] == [True, True]
+    assert report["schema"] == "llmforge.eval/2"
+
+
+def test_report_table_marks_frontier(tmp_path):
+    from llmforge_eval.report import build_report, format_table
+
+    tasks, entries = report_fixture(tmp_path)
+    entries["tuned"]["tasks"]["math"]["score"] = 0.4
+    report = build_report(tasks, entries, ["tuned"], "base", {"seed": 0})
+    assert [point["on_frontier"] for point in report["pareto"]["points"]] == [True, False]
+
+    summary_rows = {line.split()[0]: line for line in format_table(report).splitlines()[-6:] if line.strip()}
+    assert summary_rows["base"].rstrip().endswith("*")
+    assert not summary_rows["tuned"].rstrip().endswith("*")
+    assert "+1.42" not in format_table(report)
+    assert "-1.42" in format_table(report)
+
+
+def test_pareto_plot_is_png(tmp_path):
+    from llmforge_eval.pareto import write_pareto_plot
+
+    pareto = {"points": [
+        {"reference": "/runs/base", "is_baseline": True, "general_score": 0.7, "target_score": 0.5, "on_frontier": True},
+        {"reference": "/runs/lora/", "is_baseline": False, "general_score": 0.6, "target_score": 0.6, "on_frontier": True},
+        {"reference": "/runs/oft", "is_baseline": False, "general_score": 0.5, "target_score": 0.5, "on_frontier": False},
+    ]}
+    path = write_pareto_plot(pareto, tmp_path / "pareto.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [item.name for item in tmp_path.iterdir()] == ["pareto.png"]

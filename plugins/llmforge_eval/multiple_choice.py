@@ -129,21 +129,131 @@ def _score_batch(model, sequences, continuation_lengths, pad_id, device) -> list
     return (token_scores * in_continuation).sum(dim=1).tolist()
 
 
+def shared_context_loglikelihoods(model, tokenizer, examples: Sequence[ChoiceExample], batch_size: int,
+                                  progress=None) -> list[list[float]]:
+    """Return, per example, the summed log-probability of each choice's continuation, with one context per row.
+
+    A row contains the context once, followed by every continuation. Position ids restart at the end
+    of the context for each continuation, and the attention mask lets a continuation token see the
+    context and the earlier tokens of its own continuation only. So each continuation is scored
+    exactly as after the context alone (same positions and visible tokens), while the context is
+    computed once instead of once per choice. `batch_size` counts rows, that is questions.
+    """
+    import torch
+
+    limit = context_limit(model)
+    rows = [_shared_row(tokenizer, example, limit) for example in examples]
+    scores: list[list[float]] = [[] for _ in examples]
+    pad_id, device = pad_token_id(tokenizer), model_device(model)
+    with torch.inference_mode():
+        for batch in batches_by_length([len(row.ids) for row in rows], batch_size):
+            values = _score_shared_rows(model, [rows[i] for i in batch], pad_id, device)
+            for index, value in zip(batch, values):
+                scores[index] = value
+            if progress is not None:
+                progress.update(sum(len(examples[i].continuations) for i in batch))
+    return scores
+
+
+@dataclass(frozen=True)
+class _SharedRow:
+    """Token ids of one question's row, and each continuation's (start, length) in it; the context is ids[:context]."""
+
+    ids: list[int]
+    context: int
+    spans: tuple[tuple[int, int], ...]
+
+
+def _shared_row(tokenizer, example: ChoiceExample, limit: int) -> _SharedRow:
+    context_ids = tokenizer(example.context)["input_ids"]
+    continuations = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in example.continuations]
+    for text, ids in zip(example.continuations, continuations):
+        if not ids:
+            raise ForgeError(f"Empty continuation {text!r}: every choice must contain text.")
+
+    # As when scored one by one, a context that does not fit loses tokens on the left.
+    longest = max(len(ids) for ids in continuations)
+    context_ids = context_ids[-max(1, limit - longest):]
+    ids, spans = list(context_ids), []
+    for continuation in continuations:
+        spans.append((len(ids), len(continuation)))
+        ids.extend(continuation)
+    return _SharedRow(ids, len(context_ids), tuple(spans))
+
+
+def _score_shared_rows(model, rows: Sequence[_SharedRow], pad_id: int, device) -> list[list[float]]:
+    import torch
+
+    width = max(len(row.ids) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    allowed = torch.zeros((len(rows), width, width), dtype=torch.bool)
+    positions, targets = [], []
+    for number, row in enumerate(rows):
+        input_ids[number, :len(row.ids)] = torch.tensor(row.ids)
+        position_ids[number, :row.context] = torch.arange(row.context)
+        allowed[number, :row.context, :row.context] = torch.ones(row.context, row.context).tril().bool()
+        for start, length in row.spans:
+            end = start + length
+            position_ids[number, start:end] = torch.arange(row.context, row.context + length)
+            allowed[number, start:end, :row.context] = True
+            allowed[number, start:end, start:end] = torch.ones(length, length).tril().bool()
+            # The last context token predicts the first token of a continuation, and each later token the next one.
+            positions.extend((number, column) for column in [row.context - 1, *range(start, end - 1)])
+            targets.extend(row.ids[start:end])
+    # Padding positions attend to themselves only, so that no softmax row is empty.
+    allowed |= torch.eye(width, dtype=torch.bool).unsqueeze(0)
+
+    log_probs = _log_probs_at(model, input_ids.to(device), position_ids.to(device), allowed.to(device), positions)
+    target_ids = torch.tensor(targets, device=log_probs.device)
+    token_scores = log_probs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1).tolist()
+
+    results, offset = [], 0
+    for row in rows:
+        values = []
+        for _, length in row.spans:
+            values.append(sum(token_scores[offset:offset + length]))
+            offset += length
+        results.append(values)
+    return results
+
+
+def _log_probs_at(model, input_ids, position_ids, allowed, positions: list[tuple[int, int]]):
+    """Run the model with a custom (batch, query, key) attention pattern; return log-softmax rows at `positions`.
+
+    Only the selected hidden states go through the output layer. The boolean pattern becomes an
+    additive mask (0 where allowed, the dtype's minimum elsewhere), which eager and SDPA attention
+    both accept as a ready 4-D mask.
+    """
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    rows = torch.tensor([row for row, _ in positions], device=input_ids.device)
+    columns = torch.tensor([column for _, column in positions], device=input_ids.device)
+
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=mask.unsqueeze(1), position_ids=position_ids,
+                                use_cache=False).last_hidden_state
+    logits = base.get_output_embeddings()(hidden[rows, columns]).float()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.log_softmax(logits, dim=-1)
+
+
 def score_multiple_choice(model, tokenizer, spec: TaskSpec, records: Sequence[dict], batch_size: int,
                           progress=None) -> dict[str, Any]:
     """Score a multiple-choice task: accuracy and length-normalised accuracy with standard errors."""
     examples = build_examples(spec, records)
-    pairs = [(example.context, continuation) for example in examples for continuation in example.continuations]
     if progress is not None:
-        progress.reset(total=len(pairs))
-    loglikelihoods = continuation_loglikelihoods(model, tokenizer, pairs, batch_size, progress)
+        progress.reset(total=sum(len(example.continuations) for example in examples))
+    loglikelihoods = shared_context_loglikelihoods(model, tokenizer, examples, batch_size, progress)
 
     correct = correct_norm = 0
-    offset = 0
-    for example in examples:
+    for example, scores in zip(examples, loglikelihoods):
         count = len(example.continuations)
-        scores = loglikelihoods[offset:offset + count]
-        offset += count
         normalised = [score / len(text) for score, text in zip(scores, example.continuations)]
         correct += int(max(range(count), key=scores.__getitem__) == example.gold)
         correct_norm += int(max(range(count), key=normalised.__getitem__) == example.gold)
