@@ -39,7 +39,17 @@ _forge_command() {
             _forge_arguments=(shell)
             ;;
         'forge eval')
-            _forge_options=(--baseline --batch-size --data-dir --dtype --general --help --json --limit --list-tasks --model --no-cache --output --quiet --seed --target --task-file -h -o)
+            _forge_subcommands=(drift interpolate spectra)
+            _forge_options=(--baseline --batch-size --data-dir --dtype --general --help --json --limit --list-tasks --model --no-cache --output --plot --quiet --seed --target --task-file -h -o)
+            ;;
+        'forge eval drift')
+            _forge_options=(--baseline --batch-size --data --data-dir --dtype --eps --help --json --limit --max-tokens --model --modules --output --plots --quiet --seed --task-file -h -o)
+            ;;
+        'forge eval interpolate')
+            _forge_options=(--alphas --baseline --batch-size --checkpoints --data-dir --dtype --general --help --json --limit --model --no-cache --oft-scale --output --overwrite --plots --quiet --seed --target --task-file --tolerance --write-best -h -o)
+            ;;
+        'forge eval spectra')
+            _forge_options=(--base --help --json --model --modules --normalize --output --padding --plots --quiet --window -h -o)
             ;;
         'forge finetune')
             _forge_options=(--alpha --batch-size --bf16 --block-size --budget --column --completion-template --data --dropout --dry-run --epochs --eval-data --eval-every --eval-split --format --grad-accum --help --json --limit --list-methods --lr --max-grad-norm --max-length --merge --method --model --no-bf16 --no-packing --output --overlong --overwrite --packing --prompt-template --quiet --rank --resume --save-every --schedule --seed --steps --target-modules --threads --warmup-steps -h -o)
@@ -67,9 +77,48 @@ _forge_option_nargs() {
         'forge eval|--limit') _forge_nargs=1 ;;
         'forge eval|--model') _forge_nargs=1 ;;
         'forge eval|--output'|'forge eval|-o') _forge_nargs=1 ;;
+        'forge eval|--plot') _forge_nargs=1 ;;
         'forge eval|--seed') _forge_nargs=1 ;;
         'forge eval|--target') _forge_nargs=1 ;;
         'forge eval|--task-file') _forge_nargs=1 ;;
+        'forge eval drift|--baseline') _forge_nargs=1 ;;
+        'forge eval drift|--batch-size') _forge_nargs=1 ;;
+        'forge eval drift|--data') _forge_nargs=1 ;;
+        'forge eval drift|--data-dir') _forge_nargs=1 ;;
+        'forge eval drift|--dtype') _forge_nargs=1 ;;
+        'forge eval drift|--eps') _forge_nargs=1 ;;
+        'forge eval drift|--limit') _forge_nargs=1 ;;
+        'forge eval drift|--max-tokens') _forge_nargs=1 ;;
+        'forge eval drift|--model') _forge_nargs=1 ;;
+        'forge eval drift|--modules') _forge_nargs=1 ;;
+        'forge eval drift|--output'|'forge eval drift|-o') _forge_nargs=1 ;;
+        'forge eval drift|--plots') _forge_nargs=1 ;;
+        'forge eval drift|--seed') _forge_nargs=1 ;;
+        'forge eval drift|--task-file') _forge_nargs=1 ;;
+        'forge eval interpolate|--alphas') _forge_nargs=1 ;;
+        'forge eval interpolate|--baseline') _forge_nargs=1 ;;
+        'forge eval interpolate|--batch-size') _forge_nargs=1 ;;
+        'forge eval interpolate|--data-dir') _forge_nargs=1 ;;
+        'forge eval interpolate|--dtype') _forge_nargs=1 ;;
+        'forge eval interpolate|--general') _forge_nargs=1 ;;
+        'forge eval interpolate|--limit') _forge_nargs=1 ;;
+        'forge eval interpolate|--model') _forge_nargs=1 ;;
+        'forge eval interpolate|--oft-scale') _forge_nargs=1 ;;
+        'forge eval interpolate|--output'|'forge eval interpolate|-o') _forge_nargs=1 ;;
+        'forge eval interpolate|--plots') _forge_nargs=1 ;;
+        'forge eval interpolate|--seed') _forge_nargs=1 ;;
+        'forge eval interpolate|--target') _forge_nargs=1 ;;
+        'forge eval interpolate|--task-file') _forge_nargs=1 ;;
+        'forge eval interpolate|--tolerance') _forge_nargs=1 ;;
+        'forge eval interpolate|--write-best') _forge_nargs=1 ;;
+        'forge eval spectra|--base') _forge_nargs=1 ;;
+        'forge eval spectra|--model') _forge_nargs=1 ;;
+        'forge eval spectra|--modules') _forge_nargs=1 ;;
+        'forge eval spectra|--normalize') _forge_nargs=1 ;;
+        'forge eval spectra|--output'|'forge eval spectra|-o') _forge_nargs=1 ;;
+        'forge eval spectra|--padding') _forge_nargs=1 ;;
+        'forge eval spectra|--plots') _forge_nargs=1 ;;
+        'forge eval spectra|--window') _forge_nargs=1 ;;
         'forge finetune|--alpha') _forge_nargs=1 ;;
         'forge finetune|--batch-size') _forge_nargs=1 ;;
         'forge finetune|--block-size') _forge_nargs=1 ;;
@@ -112,7 +161,24 @@ _forge_value() {
         'forge eval|--data-dir') _forge_directories ;;
         'forge eval|--dtype') _forge_words bfloat16 float32 ;;
         'forge eval|--output'|'forge eval|-o') _forge_files ;;
+        'forge eval|--plot') _forge_files ;;
         'forge eval|--task-file') _forge_files ;;
+        'forge eval drift|--data-dir') _forge_directories ;;
+        'forge eval drift|--dtype') _forge_words bfloat16 float32 ;;
+        'forge eval drift|--output'|'forge eval drift|-o') _forge_files ;;
+        'forge eval drift|--plots') _forge_directories ;;
+        'forge eval drift|--task-file') _forge_files ;;
+        'forge eval interpolate|--data-dir') _forge_directories ;;
+        'forge eval interpolate|--dtype') _forge_words bfloat16 float32 ;;
+        'forge eval interpolate|--oft-scale') _forge_words linear sqrt ;;
+        'forge eval interpolate|--output'|'forge eval interpolate|-o') _forge_files ;;
+        'forge eval interpolate|--plots') _forge_directories ;;
+        'forge eval interpolate|--task-file') _forge_files ;;
+        'forge eval interpolate|--write-best') _forge_directories ;;
+        'forge eval spectra|--normalize') _forge_words mean none ;;
+        'forge eval spectra|--output'|'forge eval spectra|-o') _forge_files ;;
+        'forge eval spectra|--padding') _forge_words edge reflect symmetric ;;
+        'forge eval spectra|--plots') _forge_directories ;;
         'forge finetune|--format') _forge_words auto chat instruction prompt-completion text ;;
         'forge finetune|--method') _forge_words adalora boft dora full ia3 lora milora miss oft pissa rslora vera ;;
         'forge finetune|--model') _forge_words gemma3-270m smollm2-135m; _forge_files ;;

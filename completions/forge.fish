@@ -9,6 +9,8 @@ function __forge_subcommands
             printf '%s\n' cache completion eval finetune models plugins
         case 'cache'
             printf '%s\n' gc info ls rm verify
+        case 'eval'
+            printf '%s\n' drift interpolate spectra
     end
 end
 
@@ -37,11 +39,89 @@ function __forge_option_nargs
             echo 1
         case 'eval|--output' 'eval|-o'
             echo 1
+        case 'eval|--plot'
+            echo 1
         case 'eval|--seed'
             echo 1
         case 'eval|--target'
             echo 1
         case 'eval|--task-file'
+            echo 1
+        case 'eval drift|--baseline'
+            echo 1
+        case 'eval drift|--batch-size'
+            echo 1
+        case 'eval drift|--data'
+            echo 1
+        case 'eval drift|--data-dir'
+            echo 1
+        case 'eval drift|--dtype'
+            echo 1
+        case 'eval drift|--eps'
+            echo 1
+        case 'eval drift|--limit'
+            echo 1
+        case 'eval drift|--max-tokens'
+            echo 1
+        case 'eval drift|--model'
+            echo 1
+        case 'eval drift|--modules'
+            echo 1
+        case 'eval drift|--output' 'eval drift|-o'
+            echo 1
+        case 'eval drift|--plots'
+            echo 1
+        case 'eval drift|--seed'
+            echo 1
+        case 'eval drift|--task-file'
+            echo 1
+        case 'eval interpolate|--alphas'
+            echo 1
+        case 'eval interpolate|--baseline'
+            echo 1
+        case 'eval interpolate|--batch-size'
+            echo 1
+        case 'eval interpolate|--data-dir'
+            echo 1
+        case 'eval interpolate|--dtype'
+            echo 1
+        case 'eval interpolate|--general'
+            echo 1
+        case 'eval interpolate|--limit'
+            echo 1
+        case 'eval interpolate|--model'
+            echo 1
+        case 'eval interpolate|--oft-scale'
+            echo 1
+        case 'eval interpolate|--output' 'eval interpolate|-o'
+            echo 1
+        case 'eval interpolate|--plots'
+            echo 1
+        case 'eval interpolate|--seed'
+            echo 1
+        case 'eval interpolate|--target'
+            echo 1
+        case 'eval interpolate|--task-file'
+            echo 1
+        case 'eval interpolate|--tolerance'
+            echo 1
+        case 'eval interpolate|--write-best'
+            echo 1
+        case 'eval spectra|--base'
+            echo 1
+        case 'eval spectra|--model'
+            echo 1
+        case 'eval spectra|--modules'
+            echo 1
+        case 'eval spectra|--normalize'
+            echo 1
+        case 'eval spectra|--output' 'eval spectra|-o'
+            echo 1
+        case 'eval spectra|--padding'
+            echo 1
+        case 'eval spectra|--plots'
+            echo 1
+        case 'eval spectra|--window'
             echo 1
         case 'finetune|--alpha'
             echo 1
@@ -185,6 +265,9 @@ complete -c forge -n '__forge_at completion' -l help -s h -d 'Show this message 
 complete -c forge -n '__forge_at completion' -a 'bash fish zsh'
 
 # forge eval
+complete -c forge -n '__forge_at eval' -a 'drift' -d 'Compare the activations of fine-tuned models with their base model, per...'
+complete -c forge -n '__forge_at eval' -a 'interpolate' -d 'Score a fine-tune along the path from its base model, and name the best...'
+complete -c forge -n '__forge_at eval' -a 'spectra' -d 'Measure how each updated linear weight moved against the base weight\'s...'
 complete -c forge -n '__forge_at eval' -l baseline -x -d 'Reference model; the report adds deltas (model minus baseline)'
 complete -c forge -n '__forge_at eval' -l batch-size -x -d 'Sequences per forward pass'
 complete -c forge -n '__forge_at eval' -l data-dir -x -a '(__fish_complete_directories)' -d 'Directory of the public data sets that specs name as {data_dir} [env...'
@@ -193,14 +276,71 @@ complete -c forge -n '__forge_at eval' -l general -x -d 'General-capability task
 complete -c forge -n '__forge_at eval' -l help -s h -d 'Show this message and exit'
 complete -c forge -n '__forge_at eval' -l json -d 'Print the JSON report instead of the table'
 complete -c forge -n '__forge_at eval' -l limit -x -d 'Score N examples per task, drawn with --seed (perplexity: the first N windows)'
-complete -c forge -n '__forge_at eval' -l list-tasks -d 'List the available tasks and exit'
+complete -c forge -n '__forge_at eval' -l list-tasks -d 'List the available tasks and suites and exit'
 complete -c forge -n '__forge_at eval' -l model -x -d 'Model to evaluate (built-in name, HF dir, .gguf file or PEFT adapter dir)...'
 complete -c forge -n '__forge_at eval' -l no-cache -d 'Recompute every score; neither read nor write cached scores'
-complete -c forge -n '__forge_at eval' -l output -s o -r -F -d 'Write the JSON report to this file'
+complete -c forge -n '__forge_at eval' -l output -s o -r -F -d 'Write the JSON report to this file, and the Pareto plot beside it as...'
+complete -c forge -n '__forge_at eval' -l plot -r -F -d 'Write the PNG plot of target against general score, Pareto frontier marked...'
 complete -c forge -n '__forge_at eval' -l quiet -d 'No progress bars or log lines on stderr'
 complete -c forge -n '__forge_at eval' -l seed -x -d 'Seed that draws the --limit sample'
 complete -c forge -n '__forge_at eval' -l target -x -d 'Target tasks (plasticity)'
 complete -c forge -n '__forge_at eval' -l task-file -r -F -d 'YAML or JSON task spec to add; repeatable'
+
+# forge eval drift
+complete -c forge -n '__forge_at eval drift' -l baseline -x -d 'The base model the fine-tunes started from'
+complete -c forge -n '__forge_at eval drift' -l batch-size -x -d 'Prompts per forward pass'
+complete -c forge -n '__forge_at eval drift' -l data -x -d 'Eval task name (its prompts), or a JSONL/JSON/CSV/TXT file or demo:NAME with...'
+complete -c forge -n '__forge_at eval drift' -l data-dir -x -a '(__fish_complete_directories)' -d 'Directory of the public data sets that task specs name as {data_dir} [env...'
+complete -c forge -n '__forge_at eval drift' -l dtype -x -a 'bfloat16 float32' -d 'Dtype the models run in; captured activations are stored as float32 either way'
+complete -c forge -n '__forge_at eval drift' -l eps -x -d 'Added to E||W0 h||^2 in the CSD_rel denominator'
+complete -c forge -n '__forge_at eval drift' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at eval drift' -l json -d 'Print the JSON report instead of the table'
+complete -c forge -n '__forge_at eval drift' -l limit -x -d 'Use N prompts drawn with --seed'
+complete -c forge -n '__forge_at eval drift' -l max-tokens -x -d 'Cap on the tokens captured, over all prompts; memory and cache size grow...'
+complete -c forge -n '__forge_at eval drift' -l model -x -d 'Fine-tuned model (PEFT adapter dir or HF dir) to compare with the baseline...'
+complete -c forge -n '__forge_at eval drift' -l modules -x -d 'Comma list of linear module names to compare (e.g'
+complete -c forge -n '__forge_at eval drift' -l output -s o -r -F -d 'Write the JSON report (and the plots beside it)'
+complete -c forge -n '__forge_at eval drift' -l plots -x -a '(__fish_complete_directories)' -d 'Write the PNG plots here (default: beside the -o report; none without -o or...'
+complete -c forge -n '__forge_at eval drift' -l quiet -d 'No progress bars or log lines on stderr'
+complete -c forge -n '__forge_at eval drift' -l seed -x -d 'Seed that draws the --limit sample'
+complete -c forge -n '__forge_at eval drift' -l task-file -r -F -d 'YAML or JSON task spec that --data may name; repeatable'
+
+# forge eval interpolate
+complete -c forge -n '__forge_at eval interpolate' -l alphas -x -d 'Comma list of path positions a in [0, 1] (0 is the base, 1 the tuned model)...'
+complete -c forge -n '__forge_at eval interpolate' -l baseline -x -d 'The model it was fine-tuned from (a=0)'
+complete -c forge -n '__forge_at eval interpolate' -l batch-size -x -d 'Sequences per forward pass'
+complete -c forge -n '__forge_at eval interpolate' -l checkpoints -d 'Also rewind: score the base, every checkpoints/step-NNNNNN the run kept...'
+complete -c forge -n '__forge_at eval interpolate' -l data-dir -x -a '(__fish_complete_directories)' -d 'Directory of the public data sets that specs name as {data_dir} [env...'
+complete -c forge -n '__forge_at eval interpolate' -l dtype -x -a 'bfloat16 float32' -d 'Weight and activation dtype for scoring'
+complete -c forge -n '__forge_at eval interpolate' -l general -x -d 'General-capability tasks (stability), comma list'
+complete -c forge -n '__forge_at eval interpolate' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at eval interpolate' -l json -d 'Print the JSON report instead of the table'
+complete -c forge -n '__forge_at eval interpolate' -l limit -x -d 'Score N examples per task, drawn with --seed (perplexity: the first N windows)'
+complete -c forge -n '__forge_at eval interpolate' -l model -x -d 'The fine-tuned model: a PEFT adapter dir or a model dir (e.g'
+complete -c forge -n '__forge_at eval interpolate' -l no-cache -d 'Recompute every score; neither read nor write cached scores'
+complete -c forge -n '__forge_at eval interpolate' -l oft-scale -x -a 'linear sqrt' -d 'How a scales an OFT adapter\'s skew-symmetric generator Q: by sqrt(a), or by a'
+complete -c forge -n '__forge_at eval interpolate' -l output -s o -r -F -d 'Write the JSON report to this file (as everywhere in `forge eval`); the plot...'
+complete -c forge -n '__forge_at eval interpolate' -l overwrite -d 'Replace an existing --write-best directory written by forge'
+complete -c forge -n '__forge_at eval interpolate' -l plots -x -a '(__fish_complete_directories)' -d 'Write the plot (interpolate.png) to this directory instead of beside --output'
+complete -c forge -n '__forge_at eval interpolate' -l quiet -d 'No progress bars or log lines on stderr'
+complete -c forge -n '__forge_at eval interpolate' -l seed -x -d 'Seed that draws the --limit sample'
+complete -c forge -n '__forge_at eval interpolate' -l target -x -d 'Target tasks (plasticity), comma list'
+complete -c forge -n '__forge_at eval interpolate' -l task-file -r -F -d 'YAML or JSON task spec to add; repeatable'
+complete -c forge -n '__forge_at eval interpolate' -l tolerance -x -d 'Best trade-off: the highest general score among points whose target score is...'
+complete -c forge -n '__forge_at eval interpolate' -l write-best -x -a '(__fish_complete_directories)' -d 'Write the best trade-off point\'s model to DIR: a copied adapter for an...'
+
+# forge eval spectra
+complete -c forge -n '__forge_at eval spectra' -l base -x -d 'Base model the updates are measured against'
+complete -c forge -n '__forge_at eval spectra' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at eval spectra' -l json -d 'Print the JSON report instead of the table'
+complete -c forge -n '__forge_at eval spectra' -l model -x -d 'Fine-tuned model: PEFT adapter dir, HF model dir (full fine-tune or merged)...'
+complete -c forge -n '__forge_at eval spectra' -l modules -x -d 'Comma list of module types to analyse (e.g'
+complete -c forge -n '__forge_at eval spectra' -l normalize -x -a 'mean none' -d 'Divide dP and E by their mean before the smoothness is taken (mean), or keep...'
+complete -c forge -n '__forge_at eval spectra' -l output -s o -r -F -d 'Write the JSON report to this file; the PNG plots go beside it unless...'
+complete -c forge -n '__forge_at eval spectra' -l padding -x -a 'edge reflect symmetric' -d 'How the moving average extends dP and E at their ends (as numpy.pad names...'
+complete -c forge -n '__forge_at eval spectra' -l plots -x -a '(__fish_complete_directories)' -d 'Write spectra-profiles.png and spectra-layers.png into this directory'
+complete -c forge -n '__forge_at eval spectra' -l quiet -d 'No progress bar on stderr'
+complete -c forge -n '__forge_at eval spectra' -l window -x -d 'Width of the moving average in the spectral smoothness (odd number of...'
 
 # forge finetune
 complete -c forge -n '__forge_at finetune' -l alpha -x -d 'LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) for rslora)...'

@@ -61,7 +61,7 @@ def test_eval_json_report(tiny_model_dir, tmp_path):
 
     report = json.loads(result.stdout)
     assert report == json.loads(output.read_text())
-    assert report["schema"] == "llmforge.eval/1"
+    assert report["schema"] == "llmforge.eval/2"
     assert report["inputs"]["dtype"] == "float32"
     assert [task["name"] for task in report["inputs"]["tasks"]] == ["sums", "quiz", "text"]
 
@@ -202,7 +202,7 @@ def test_missing_data_dir_exits_1(tiny_model_dir, monkeypatch):
 def test_unknown_task_exits_1(tiny_model_dir):
     result = run_eval("--model", str(tiny_model_dir), "--general", "nonesuch")
     assert result.exit_code == 1
-    assert "Unknown task 'nonesuch'" in result.stderr
+    assert "Unknown task or suite 'nonesuch'" in result.stderr
 
 
 def test_task_digest_ignores_data_location(tmp_path):
@@ -305,3 +305,256 @@ def test_nq_open_spec_reads_answer_lists():
     answers = [render_references(spec.reference, record, "nq_open") for record in records[:50]]
     assert all(answer and all(isinstance(item, str) for item in answer) for answer in answers)
     assert any(len(answer) > 1 for answer in answers)
+
+
+# Several models in one run: the base and two adapters from the real `forge finetune`.
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """A LoRA and an OFT adapter of the tiny model, each trained for 3 steps by `forge finetune`."""
+    folder = tmp_path_factory.mktemp("adapters")
+    data = folder / "qa.jsonl"
+    records = [{"question": f"What is {a} plus {b}?", "answer": str(a + b)} for a in range(3) for b in range(4)]
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+    paths = {}
+    for method in ("lora", "oft"):
+        paths[method] = folder / method
+        result = CliRunner().invoke(cli, ["finetune", "--model", str(tiny_model_dir), "--data", str(data),
+                                          "-o", str(paths[method]), "--steps", "3", "--lr", "5e-2",
+                                          "--method", method, "--no-bf16", "--quiet"])
+        assert result.exit_code == 0, result.output
+    return paths
+
+
+def test_several_models_share_one_base_load(tiny_model_dir, adapters, tmp_path):
+    tasks = write_tasks(tmp_path / "tasks")
+    output, plot = tmp_path / "report.json", tmp_path / "pareto.png"
+    models = [str(adapters["oft"]), str(adapters["lora"]), str(tiny_model_dir)]
+    args = ["--target", "sums", "--general", "quiz,text", "--task-file", str(tasks["quiz"]),
+            "--task-file", str(tasks["sums"]), "--task-file", str(tasks["text"]), "--dtype", "float32", "--quiet"]
+    result = run_eval(*[item for model in models for item in ("--model", model)], "--baseline", str(tiny_model_dir),
+                      *args, "--json", "-o", str(output), "--plot", str(plot))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+
+    assert report["loads"] == [{"reference": str(tiny_model_dir), "digest": report["inputs"]["baseline"]["digest"],
+                                "loads": 1, "models": [str(tiny_model_dir), *models[:2]]}]
+    assert [entry["reference"] for entry in report["results"]] == [str(tiny_model_dir), *models[:2]]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["plots"] == {"pareto": str(plot)}
+    assert len(report["pareto"]["points"]) == 3
+    assert any(point["on_frontier"] for point in report["pareto"]["points"])
+
+    # Each adapter attached to the shared base scores exactly as when it is loaded alone.
+    for model in [*models[:2], str(tiny_model_dir)]:
+        alone = json.loads(run_eval("--model", model, *args, "--json", "--no-cache").stdout)
+        shared = next(entry for entry in report["results"] if entry["reference"] == model)
+        for name in ("quiz", "sums", "text"):
+            assert shared["tasks"][name]["score"] == pytest.approx(alone["results"][0]["tasks"][name]["score"], rel=1e-6)
+
+    by_reference = {entry["reference"]: entry for entry in report["results"]}
+    assert by_reference[str(adapters["lora"])]["tasks"]["text"]["score"] != by_reference[str(tiny_model_dir)]["tasks"]["text"]["score"]
+    assert by_reference[str(adapters["oft"])]["tasks"]["text"]["score"] != by_reference[str(tiny_model_dir)]["tasks"]["text"]["score"]
+    assert by_reference[str(adapters["lora"])]["tasks"]["quiz"]["test"]["name"].startswith("two-proportion z-test")
+    assert by_reference[str(adapters["lora"])]["tasks"]["text"]["test"]["z"] is None
+
+
+def test_base_host_detaches_adapters_exactly(tiny_model_dir, adapters):
+    import torch
+
+    from llmforge.cache import Cache
+    from llmforge.models import load_model
+    from llmforge_eval.loading import BaseHost, describe_model
+
+    cache = Cache()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+
+    def logits(model):
+        with torch.inference_mode():
+            return model(input_ids=ids).logits
+
+    host = BaseHost(str(tiny_model_dir), dtype="float32", cache=cache)
+    plain = logits(host.plain().model)
+    for method in ("lora", "oft", "lora"):
+        attached = host.with_adapter(describe_model(str(adapters[method]), cache))
+        expected = logits(load_model(str(adapters[method]), dtype="float32", cache=cache).model)
+        assert torch.allclose(logits(attached.model), expected, atol=1e-5)
+    assert torch.equal(logits(host.plain().model), plain)
+    assert host.loads == 1
+
+
+def test_text_report_has_pareto_and_tests(tiny_model_dir, adapters, tmp_path):
+    tasks = write_tasks(tmp_path / "tasks")
+    output = tmp_path / "out" / "report.json"
+    output.parent.mkdir()
+    result = run_eval("--model", str(adapters["lora"]), "--baseline", str(tiny_model_dir), "--target", "sums",
+                      "--general", "quiz", "--task-file", str(tasks["quiz"]), "--task-file", str(tasks["sums"]),
+                      "--quiet", "-o", str(output))
+    assert result.exit_code == 0, result.output
+    assert "pareto" in result.stdout
+    assert "two-proportion z-test" in result.stdout
+    assert (tmp_path / "out" / "report.pareto.png").is_file()
+    assert json.loads(output.read_text())["plots"]["pareto"] == str(tmp_path / "out" / "report.pareto.png")
+    assert sorted(path.name for path in output.parent.iterdir()) == ["report.json", "report.pareto.png"]
+
+
+def test_adapter_of_other_base_rejected(tiny_model_dir, perturbed_model_dir, adapters, tmp_path):
+    tasks = write_tasks(tmp_path / "tasks")
+    output = tmp_path / "report.json"
+    result = run_eval("--model", str(adapters["lora"]), "--baseline", str(perturbed_model_dir), "--general", "quiz",
+                      "--task-file", str(tasks["quiz"]), "-o", str(output))
+    assert result.exit_code == 1
+    assert f"Adapter {adapters['lora']} is based on {tiny_model_dir}" in result.stderr
+    assert f"--baseline {perturbed_model_dir}" in result.stderr
+    assert not output.exists()
+
+
+# Suites
+
+
+def test_list_tasks_shows_suites():
+    result = run_eval("--list-tasks", "--json")
+    assert result.exit_code == 0, result.output
+    suites = {suite["name"]: suite["tasks"] for suite in json.loads(result.stdout)["suites"]}
+    assert suites["general"] == ["arc_easy", "boolq", "wikitext2"]
+    assert suites["math"] == ["gsm8k", "math500"]
+
+    text = run_eval("--list-tasks").stdout
+    assert "suites:" in text
+    assert "arc_easy,boolq,wikitext2" in text
+
+
+def test_suite_names_expand(tiny_model_dir, tmp_path):
+    tasks = write_tasks(tmp_path / "tasks")
+    result = run_eval("--model", str(tiny_model_dir), "--target", "demo-target", "--general", "demo-general,quiz",
+                      "--task-file", str(tasks["quiz"]), "--limit", "2", "--quiet", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(task["name"], task["role"]) for task in report["inputs"]["tasks"]] == [
+        ("arith", "target"), ("facts", "general"), ("quiz", "general")]
+    assert report["inputs"]["selection"] == {"target": ["demo-target"], "general": ["demo-general", "quiz"]}
+
+
+def test_task_in_suite_and_list_rejected(tiny_model_dir):
+    result = run_eval("--model", str(tiny_model_dir), "--target", "demo-target", "--general", "arith")
+    assert result.exit_code == 1
+    assert "Task 'arith' is named more than once" in result.stderr
+
+
+# Bad input: each case exits 1 with a message that names the field, file or value, and writes nothing.
+
+
+def bad_input_cases(folder: Path) -> list[tuple[list[str], list[str]]]:
+    """(extra arguments, expected message parts) per bad input, built on the tasks of `write_tasks`."""
+    paths = write_tasks(folder)
+    no_reference = folder / "no_reference.json"
+    no_reference.write_text(json.dumps({key: value for key, value in json.loads(paths["sums"].read_text()).items()
+                                        if key != "reference"}))
+    unknown_kind = folder / "unknown_kind.json"
+    unknown_kind.write_text(json.dumps({**json.loads(paths["quiz"].read_text()), "kind": "ranking"}))
+
+    wrong_fields = folder / "wrong_fields.jsonl"
+    wrong_fields.write_text(json.dumps({"query": "What color is the sky?", "choices": ["a", "b"], "answer": 0}) + "\n")
+    needs_question = folder / "needs_question.json"
+    needs_question.write_text(json.dumps({**json.loads(paths["quiz"].read_text()), "data": wrong_fields.name}))
+
+    empty = folder / "empty.jsonl"
+    empty.write_text("")
+    empty_task = folder / "empty_task.json"
+    empty_task.write_text(json.dumps({**json.loads(paths["quiz"].read_text()), "name": "empty", "data": empty.name}))
+    return [
+        (["--general", "sums", "--task-file", str(no_reference)], ["Missing field 'reference'", str(no_reference)]),
+        (["--general", "quiz", "--task-file", str(unknown_kind)], ["Invalid kind 'ranking'", str(unknown_kind)]),
+        (["--general", "quiz", "--task-file", str(needs_question)], ["Missing field 'question'", str(wrong_fields)]),
+        (["--general", "empty", "--task-file", str(empty_task), "--limit", "5"],
+         [str(empty), "no records found"]),
+    ]
+
+
+def test_bad_input_exits_1(tiny_model_dir, tmp_path):
+    output, plot = tmp_path / "report.json", tmp_path / "plot.png"
+    for args, expected in bad_input_cases(tmp_path / "tasks"):
+        result = run_eval("--model", str(tiny_model_dir), *args, "-o", str(output), "--plot", str(plot))
+        assert result.exit_code == 1, (args, result.output)
+        for part in expected:
+            assert part in result.stderr, (args, result.stderr)
+        assert not output.exists()
+        assert not plot.exists()
+
+
+# An interrupted run resumes: a run killed after its first task reuses that score.
+
+
+def test_killed_run_resumes(tiny_model_dir, tmp_path, forge_env):
+    import signal
+
+    tasks = write_tasks(tmp_path / "tasks")
+    long_text = tmp_path / "tasks" / "long.txt"
+    long_text.write_text("Small models learn small things, one window at a time. " * 400)
+    long_spec = tmp_path / "tasks" / "long.json"
+    long_spec.write_text(json.dumps({"name": "long", "kind": "perplexity", "data": "long.txt",
+                                     "max_length": 64, "stride": 16}))
+    command = [str(FORGE), "eval", "--model", str(tiny_model_dir), "--general", "quiz,long", "--task-file",
+               str(tasks["quiz"]), "--task-file", str(long_spec), "--batch-size", "1", "--dtype", "float32"]
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=forge_env)
+    try:
+        for line in process.stderr:
+            if "scored quiz" in line:
+                process.send_signal(signal.SIGKILL)
+                break
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+
+    resumed = subprocess.run([*command, "--json", "--quiet"], capture_output=True, text=True, env=forge_env,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    entry = json.loads(resumed.stdout)["results"][0]
+    assert entry["tasks"]["quiz"]["cached"] is True
+    assert entry["tasks"]["long"]["cached"] is False
+    assert entry["tasks"]["long"]["n"] > 100
+
+
+@pytest.mark.slow
+def test_real_model_base_lora_oft(real_model_cache, tmp_path):
+    adapters = {}
+    for method in ("lora", "oft"):
+        adapters[method] = tmp_path / method
+        result = CliRunner().invoke(cli, ["finetune", "--model", "smollm2-135m", "--data", "demo:arith/train.jsonl",
+                                          "-o", str(adapters[method]), "--steps", "2", "--limit", "32",
+                                          "--method", method, "--quiet"])
+        assert result.exit_code == 0, result.output
+
+    output = tmp_path / "report.json"
+    result = run_eval("--model", "smollm2-135m", "--model", str(adapters["lora"]), "--model", str(adapters["oft"]),
+                      "--baseline", "smollm2-135m", "--target", "demo-target", "--general", "demo-general",
+                      "--limit", "24", "--quiet", "-o", str(output))
+    assert result.exit_code == 0, result.output
+    report = json.loads(output.read_text())
+
+    assert [load["loads"] for load in report["loads"]] == [1]
+    assert len(report["loads"][0]["models"]) == 3
+    assert (tmp_path / "report.pareto.png").is_file()
+    assert len(report["pareto"]["points"]) == 3
+    base = report["results"][0]
+    # The base model scored 0.72 on all 76 facts questions, where chance is 0.25.
+    assert base["tasks"]["facts"]["score"] > 0.5
+    for entry in report["results"][1:]:
+        assert entry["tasks"]["facts"]["test"]["p_value"] <= 1.0
+        assert entry["summary"]["general_delta_stderr"] > 0
+    assert "pareto" in result.stdout
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data sets not present")
+def test_named_suites_resolve_on_shared_data():
+    from llmforge_eval.evaluate import check_task_data, select_tasks, task_registry
+
+    tasks = select_tasks(task_registry(), ["math"], ["general"], SHARED_DATA)
+    assert [(task.spec.name, task.role) for task in tasks] == [
+        ("gsm8k", "target"), ("math500", "target"), ("arc_easy", "general"), ("boolq", "general"),
+        ("wikitext2", "general")]
+    for task in tasks:
+        check_task_data(task, limit=5, seed=0)

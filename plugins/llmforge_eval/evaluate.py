@@ -14,12 +14,18 @@ from typing import Any, Sequence
 
 from llmforge.cache import Cache, CacheKey
 from llmforge.errors import ForgeError
+from llmforge_eval.loading import BaseHost, ModelInfo, check_adapter_bases, describe_model
 from llmforge_eval.report import build_report
 from llmforge_eval.tasks import (
     TaskSpec,
     coerce_spec,
+    expand_selection,
+    field_value,
     load_spec_file,
+    load_suites,
     read_task_records,
+    render,
+    render_references,
     resolve_data_path,
     sample_indices,
     task_digest,
@@ -77,20 +83,53 @@ def _register(registry: dict[str, TaskSpec], spec: TaskSpec) -> None:
 
 def select_tasks(registry: dict[str, TaskSpec], target: Sequence[str], general: Sequence[str],
                  data_dir: str | Path | None) -> list[SelectedTask]:
-    """Look up the named tasks, resolve their data files and compute their digests (before any model loads)."""
+    """Look up the named tasks, resolve their data files and compute their digests (before any model loads).
+
+    Each item of `target` and `general` is a task name or a suite name (see `llmforge_eval.tasks.load_suites`).
+    """
+    suites = load_suites()
     selected, seen = [], set()
-    for role, names in (("target", target), ("general", general)):
-        for name in names:
-            if name not in registry:
-                raise ForgeError(f"Unknown task {name!r}; available: {', '.join(sorted(registry))}. "
-                                 "See `forge eval --list-tasks`, or add one with --task-file.")
+    for role, items in (("target", target), ("general", general)):
+        for name in expand_selection(items, registry, suites):
             if name in seen:
-                raise ForgeError(f"Task {name!r} is named more than once in --target/--general.")
+                raise ForgeError(f"Task {name!r} is named more than once in --target/--general (directly or in a suite).")
             seen.add(name)
             spec = registry[name]
             path = resolve_data_path(spec, data_dir)
             selected.append(SelectedTask(spec, role, path, task_digest(spec, path)))
     return selected
+
+
+def check_task_data(task: SelectedTask, *, limit: int | None, seed: int) -> None:
+    """Check, before any model loads, that a task has examples after --limit and that its records contain
+    every field its templates read. ForgeError names the task, the data file and the field."""
+    from llmforge_eval.multiple_choice import build_examples
+
+    spec = task.spec
+    if spec.kind == "perplexity" and not spec.text_field:
+        if not task.data_path.read_text(encoding="utf-8-sig").strip():
+            raise ForgeError(f"Task {spec.name!r} has no text to score: {task.data_path} is empty.")
+        return
+
+    records = read_task_records(task.data_path)
+    records = [records[i] for i in sample_indices(len(records), limit, seed)]
+    if not records:
+        after_limit = f" after --limit {limit}" if limit is not None else ""
+        raise ForgeError(f"Task {spec.name!r} has no examples{after_limit}: {task.data_path} contains no records.")
+
+    try:
+        if spec.kind == "multiple_choice":
+            build_examples(spec, records)
+        elif spec.kind == "generate":
+            for index, record in enumerate(records):
+                where = f"task {spec.name!r}, record {index + 1}"
+                render(spec.prompt, record, where)
+                render_references(spec.reference, record, where)
+        else:
+            for index, record in enumerate(records):
+                field_value(record, spec.text_field, f"task {spec.name!r}, record {index + 1}")
+    except ForgeError as error:
+        raise ForgeError(f"{error} Data file: {task.data_path}.") from None
 
 
 def score_task(loaded, task: SelectedTask, *, limit: int | None, seed: int, batch_size: int,
@@ -129,46 +168,76 @@ def _read_cached(cache: Cache, key: CacheKey) -> dict | None:
     return json.loads(cache.blob_path(record).read_text())
 
 
-def evaluate_model(reference: str, tasks: Sequence[SelectedTask], *, cache: Cache, use_cache: bool,
-                   limit: int | None, seed: int, dtype: str, batch_size: int, progress: bool) -> dict[str, Any]:
-    """Score one model reference on every task, loading its weights only when some score is not cached."""
-    from llmforge.models import load_model, model_digest, resolve
+def _new_entry(info: ModelInfo) -> dict[str, Any]:
+    entry = {"reference": info.reference, "digest": info.digest, "tasks": {}, "weights_loaded": False}
+    if info.is_adapter:
+        entry.update(base_reference=info.base_reference, base_digest=info.base_digest)
+    return entry
 
-    resolved = resolve(reference, cache=cache)
-    digest = model_digest(reference, cache=cache)
-    keys = {task.spec.name: score_key(digest, task, limit=limit, seed=seed, dtype=dtype) for task in tasks}
-    results: dict[str, dict] = {}
-    if use_cache:
-        for task in tasks:
-            cached = _read_cached(cache, keys[task.spec.name])
-            if cached is not None:
-                results[task.spec.name] = {**cached, "cached": True}
 
-    missing = [task for task in tasks if task.spec.name not in results]
-    loaded = None
-    if missing:
-        logger.info("loading %s (%s) for %d task(s)", reference, dtype, len(missing))
-        loaded = load_model(reference, dtype=dtype, cache=cache)
+def _score_missing(loaded, entry: dict, tasks: Sequence[SelectedTask], keys: dict[str, CacheKey], *,
+                   cache: Cache, use_cache: bool, options: dict[str, Any]) -> None:
+    """Score `loaded` on each task in turn, storing every score in the cache as soon as it is computed.
 
-    for task in missing:
-        options = {"limit": limit, "seed": seed, "batch_size": batch_size, "progress": progress}
+    A run that is interrupted therefore resumes after the last finished task.
+    """
+    for task in tasks:
         computed = []
 
-        def compute(task=task, options=options, computed=computed) -> dict:
+        def compute(task=task, computed=computed) -> dict:
             computed.append(True)
             return score_task(loaded, task, **options)
 
-        if use_cache:
-            result = cache.get_or_compute_json(keys[task.spec.name], compute)
-        else:
-            result = compute()
-        results[task.spec.name] = {**result, "cached": not computed}
+        result = cache.get_or_compute_json(keys[task.spec.name], compute) if use_cache else compute()
+        entry["tasks"][task.spec.name] = {**result, "cached": not computed}
+        logger.info("scored %s on %s: %s %.4f (n=%d, %.1f s)", task.spec.name, entry["reference"], result["metric"],
+                    result["score"], result["n"], result.get("seconds", 0.0))
 
-    entry = {"reference": reference, "digest": digest, "tasks": results, "weights_loaded": loaded is not None}
-    if resolved.is_adapter:
-        entry.update(base_reference=resolved.base.reference,
-                     base_digest=model_digest(resolved.base.reference, cache=cache))
-    return entry
+
+def score_models(infos: Sequence[ModelInfo], tasks: Sequence[SelectedTask], *, cache: Cache, use_cache: bool,
+                 limit: int | None, seed: int, dtype: str, batch_size: int,
+                 progress: bool) -> tuple[dict[str, dict], list[dict]]:
+    """Score every model on every task and return (entries by reference, base-model loads).
+
+    Cached scores are read first. Models with scores left to compute are grouped by the weights
+    they need: a base model is loaded once for itself and all of its adapters, and a group whose
+    scores are all cached loads nothing.
+    """
+    entries, keys, missing = {}, {}, {}
+    for info in infos:
+        entries[info.reference] = _new_entry(info)
+        keys[info.reference] = {task.spec.name: score_key(info.digest, task, limit=limit, seed=seed, dtype=dtype)
+                                for task in tasks}
+        for task in tasks:
+            cached = _read_cached(cache, keys[info.reference][task.spec.name]) if use_cache else None
+            if cached is not None:
+                entries[info.reference]["tasks"][task.spec.name] = {**cached, "cached": True}
+        missing[info.reference] = [task for task in tasks if task.spec.name not in entries[info.reference]["tasks"]]
+
+    groups: dict[str, list[ModelInfo]] = {}
+    for info in infos:
+        if missing[info.reference]:
+            groups.setdefault(info.host_digest, []).append(info)
+
+    loads = []
+    options = {"limit": limit, "seed": seed, "batch_size": batch_size, "progress": progress}
+    for host_digest, members in groups.items():
+        host = BaseHost(members[0].host_reference, dtype=dtype, cache=cache)
+        # Plain models first: they need no adapter, so the adapters are attached only afterwards.
+        for info in sorted(members, key=lambda member: member.is_adapter):
+            loaded = host.with_adapter(info) if info.is_adapter else host.plain()
+            entry = entries[info.reference]
+            entry["weights_loaded"] = True
+            _score_missing(loaded, entry, missing[info.reference], keys[info.reference], cache=cache,
+                           use_cache=use_cache, options=options)
+        loads.append({"reference": members[0].host_reference, "digest": host_digest, "loads": host.loads,
+                      "models": [member.reference for member in members]})
+        logger.info("loaded %s %d time(s) for %d model(s)", members[0].host_reference, host.loads, len(members))
+        del host
+
+    for entry in entries.values():
+        entry["tasks"] = {task.spec.name: entry["tasks"][task.spec.name] for task in tasks}
+    return entries, loads
 
 
 def evaluate(models: Sequence[str], *, target: Sequence[str] = (), general: Sequence[str] = (),
@@ -176,7 +245,10 @@ def evaluate(models: Sequence[str], *, target: Sequence[str] = (), general: Sequ
              task_files: Sequence[str | Path] = (), data_dir: str | Path | None = None,
              dtype: str = DEFAULT_DTYPE, seed: int = 0, use_cache: bool = True, progress: bool = False,
              cache: Cache | None = None) -> dict[str, Any]:
-    """Evaluate each model (and the baseline) on the target and general tasks; return the report document."""
+    """Evaluate each model (and the baseline) on the target and general tasks; return the report document.
+
+    `target` and `general` list task or suite names. Every input is checked before any model loads.
+    """
     if not models:
         raise ForgeError("No model to evaluate: pass --model REF at least once.")
     if limit is not None and limit < 1:
@@ -192,13 +264,18 @@ def evaluate(models: Sequence[str], *, target: Sequence[str] = (), general: Sequ
     if not target and not general:
         raise ForgeError("No task selected: name tasks with --target and/or --general (see --list-tasks).")
     tasks = select_tasks(registry, target, general, data_dir)
+    for task in tasks:
+        check_task_data(task, limit=limit, seed=seed)
 
     cache = cache or Cache()
     references = list(dict.fromkeys(([baseline] if baseline else []) + list(models)))
-    settings = {"limit": limit, "seed": seed, "dtype": dtype, "batch_size": batch_size}
-    entries = {}
-    for reference in references:
-        entries[reference] = evaluate_model(reference, tasks, cache=cache, use_cache=use_cache, progress=progress,
-                                            limit=limit, seed=seed, dtype=dtype, batch_size=batch_size)
+    infos = [describe_model(reference, cache) for reference in references]
+    check_adapter_bases(infos, infos[0] if baseline else None)
 
-    return build_report(tasks, entries, list(models), baseline, {**settings, "cache": use_cache})
+    entries, loads = score_models(infos, tasks, cache=cache, use_cache=use_cache, limit=limit, seed=seed,
+                                  dtype=dtype, batch_size=batch_size, progress=progress)
+    settings = {"limit": limit, "seed": seed, "dtype": dtype, "batch_size": batch_size, "cache": use_cache,
+                "selection": {"target": list(target), "general": list(general)}}
+    report = build_report(tasks, entries, list(models), baseline, settings)
+    report["loads"] = loads
+    return report

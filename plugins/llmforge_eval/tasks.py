@@ -33,6 +33,7 @@ GENERATE_METRICS = ("exact_match", "numeric_match")
 NORMALIZATIONS = ("none", "squad")
 CHOICE_METRICS = ("acc", "acc_norm")
 DATA_DIR_ENV = "FORGE_DATA_DIR"
+SUITES_FILE = Path(__file__).parent / "suites.yaml"
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 
@@ -133,13 +134,11 @@ def _check_values(spec: TaskSpec) -> None:
         raise ForgeError(f"Invalid kind {spec.kind!r} in {where}; expected one of {', '.join(KINDS)}.")
 
     if spec.kind == "multiple_choice":
-        if not spec.prompt or spec.choices is None or spec.answer is None:
-            raise ForgeError(f"Missing field in {where}: multiple_choice needs 'prompt', 'choices' and 'answer'.")
+        _require_fields(spec, ("prompt", "choices", "answer"), where)
         if spec.metric not in (None, *CHOICE_METRICS):
             raise ForgeError(f"Invalid metric {spec.metric!r} in {where}; expected one of {', '.join(CHOICE_METRICS)}.")
     elif spec.kind == "generate":
-        if not spec.prompt or spec.reference is None:
-            raise ForgeError(f"Missing field in {where}: generate needs 'prompt' and 'reference'.")
+        _require_fields(spec, ("prompt", "reference"), where)
         if spec.metric not in (None, *GENERATE_METRICS):
             raise ForgeError(f"Invalid metric {spec.metric!r} in {where}; expected one of {', '.join(GENERATE_METRICS)}.")
         for name in ("extract", "reference_extract"):
@@ -155,6 +154,13 @@ def _check_values(spec: TaskSpec) -> None:
             raise ForgeError(f"Invalid metric {spec.metric!r} in {where}; perplexity tasks report 'perplexity'.")
         if not 0 < spec.stride <= spec.max_length:
             raise ForgeError(f"Invalid stride {spec.stride} in {where}: use 1 to max_length ({spec.max_length}).")
+
+
+def _require_fields(spec: TaskSpec, names: tuple[str, ...], where: str) -> None:
+    for name in names:
+        if getattr(spec, name) in (None, ""):
+            needed = ", ".join(repr(item) for item in names)
+            raise ForgeError(f"Missing field {name!r} in {where}: {spec.kind} tasks need {needed}.")
 
 
 def check_extractor(name: str, where: str) -> None:
@@ -289,3 +295,43 @@ def sample_indices(total: int, limit: int | None, seed: int) -> list[int]:
     if limit is None or limit >= total:
         return list(range(total))
     return sorted(random.Random(seed).sample(range(total), limit))
+
+
+def load_suites(path: Path = SUITES_FILE) -> dict[str, dict[str, Any]]:
+    """Read the named task suites: {name: {"description": str, "tasks": [task names]}}."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    suites = {}
+    for name, entry in raw.items():
+        tasks = entry.get("tasks") if isinstance(entry, dict) else None
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(task, str) for task in tasks):
+            raise ForgeError(f"Invalid suite {name!r} in {path}: 'tasks' must be a non-empty list of task names.")
+        suites[str(name)] = {"description": str(entry.get("description", "")), "tasks": list(tasks)}
+    return suites
+
+
+def expand_selection(items: list[str] | tuple[str, ...], registry: dict[str, TaskSpec],
+                     suites: dict[str, dict[str, Any]]) -> list[str]:
+    """Replace each suite name in `items` by its tasks and check that every task exists.
+
+    Raises ForgeError for a name that is neither a task nor a suite, a name that is both, and a suite
+    that lists an unknown task.
+    """
+    names = []
+    for item in items:
+        if item in registry and item in suites:
+            raise ForgeError(f"{item!r} names both a task ({registry[item].source}) and a suite; "
+                             "rename the task in its spec file.")
+        if item in registry:
+            names.append(item)
+        elif item in suites:
+            for task in suites[item]["tasks"]:
+                if task not in registry:
+                    raise ForgeError(f"Suite {item!r} lists the unknown task {task!r}; available tasks: "
+                                     f"{', '.join(sorted(registry))}.")
+                names.append(task)
+        else:
+            raise ForgeError(f"Unknown task or suite {item!r}; tasks: {', '.join(sorted(registry))}; suites: "
+                             f"{', '.join(sorted(suites))}. See `forge eval --list-tasks`, or add a task with --task-file.")
+    return names
