@@ -57,7 +57,6 @@ def finetune(args, method: str, output: Path) -> dict:
 
 def reload_loss(args, method: str, output: Path, batch) -> float:
     """Load the output with peft (or transformers for full fine-tuning) and return its loss on `batch`."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from llmforge.models import resolve_model_dir
@@ -69,13 +68,27 @@ def reload_loss(args, method: str, output: Path, batch) -> float:
 
         base = AutoModelForCausalLM.from_pretrained(resolve_model_dir(args.model))
         model = PeftModel.from_pretrained(base, output)
+    return completion_loss(model, batch)
+
+
+def completion_loss(model, batch) -> float:
+    """Return the mean cross-entropy over the batch's labelled tokens, computed from the logits.
+
+    The labels are not passed to the model: peft 0.21's AdaLoRA model, loaded for inference,
+    fails in its forward pass when the model computes a loss (it adds its training-time
+    orthogonality term and looks up a training-only attribute).
+    """
+    import torch
+
     with torch.inference_mode():
-        return model.eval()(**batch).loss.item()
+        logits = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels.reshape(-1), ignore_index=-100).item()
 
 
 def probe_batch(args):
     """Return the first --batch-size training examples as a padded batch with labels, and the base model's loss."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from llmforge.data import collate, read_records, resolve_data_path, to_examples, tokenize_examples
@@ -87,8 +100,7 @@ def probe_batch(args):
     padded = collate(examples, tokenizer.pad_token_id)
     batch = {"input_ids": padded.input_ids, "attention_mask": padded.attention_mask, "labels": padded.labels}
     base = AutoModelForCausalLM.from_pretrained(resolve_model_dir(args.model))
-    with torch.inference_mode():
-        return batch, base.eval()(**batch).loss.item()
+    return batch, completion_loss(base, batch)
 
 
 def sweep(args, root: Path) -> dict:
@@ -104,7 +116,10 @@ def sweep(args, root: Path) -> dict:
         summary = finetune(args, method, output)
         row = {"method": method, **summary}
         if "error" not in summary:
-            row["reloaded_loss"] = round(reload_loss(args, method, output, batch), 4)
+            try:
+                row["reloaded_loss"] = round(reload_loss(args, method, output, batch), 4)
+            except Exception as error:  # noqa: BLE001 - a failed reload is a result of this check, not a crash
+                row["error"] = f"reloading {output} failed: {type(error).__name__}: {error}"
             record = json.loads((output / "forge_run.json").read_text())
             row["budget_match"] = record["budget"]
         rows.append(row)
