@@ -97,6 +97,10 @@ def check_output_directory(path: Path, *, overwrite: bool, marker: str | None = 
     The current directory and its parents are never replaced.
     """
     if not path.exists():
+        for parent in path.absolute().parents:
+            if parent.exists() and not parent.is_dir():
+                raise ForgeError(f"cannot create output directory {path}: its parent {parent} is a file; "
+                                 "choose another path")
         return
     if not path.is_dir():
         raise ForgeError(f"output path {path} exists and is not a directory; remove it or choose another path")

@@ -265,7 +265,8 @@ def test_dry_run_writes_and_trains_nothing(tiny_model_dir, qa_data, tmp_path, is
     assert plan["budget"]["size"] == plan["size"]
     assert plan["trainable_parameters"] == plan["budget"]["trainable_parameters"]
     memory = plan["memory"]["bytes"]
-    assert set(memory) == {"weights", "gradients", "master_weights", "adamw_states", "activations_estimate"}
+    assert set(memory) == {"weights", "gradients", "master_weights", "adamw_states", "activations_estimate",
+                           "adapter_intermediates"}
     assert memory["adamw_states"] == 8 * plan["trainable_parameters"]
     assert "loss_curve" not in plan
     assert "steps" not in plan

@@ -162,6 +162,7 @@ def save_adapter(peft_model, directory: Path, spec: MethodSpec, initial_factors:
     # save_embedding_layers=False: with "auto", peft looks the base reference up on the Hugging Face
     # Hub to compare vocabularies, and no method here trains the embeddings.
     peft_model.save_pretrained(str(directory), save_embedding_layers=False)
+    _sort_target_modules(directory / "adapter_config.json")
     if not spec.mutated_init:
         return
 
@@ -185,6 +186,19 @@ def save_adapter(peft_model, directory: Path, spec: MethodSpec, initial_factors:
     config["lora_alpha"] = config["lora_alpha"] * (2 ** 0.5 if config.get("use_rslora") else 2)
     config["init_lora_weights"] = True
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """Rewrite the adapter config with target_modules sorted.
+
+    peft keeps target_modules as a set, so its saved order depends on the process's string hash
+    seed. Sorting makes equal adapters byte-identical, and so gives them equal digests and one
+    cache entry.
+    """
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def adalora_hooks(peft_model, spec: MethodSpec):

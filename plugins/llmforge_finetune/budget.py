@@ -209,15 +209,17 @@ def check_reachable(spec: MethodSpec, budget: int, sizes: list[int], count, mode
 
 
 def memory_estimate(model_config, *, total: int, trainable: int, full: bool, precision: str, batch_size: int,
-                    max_length: int) -> dict[str, Any]:
+                    max_length: int, adapter_features: int = 0) -> dict[str, Any]:
     """Estimate training memory in bytes: weights, gradients, AdamW states and activations.
 
     Weights, gradients, fp32 master copies (bf16 runs) and the two fp32 AdamW moments are exact
     for the given counts. Activations are an estimate: s*b*h*(34 + 5*a*s/h) bytes per layer at
     16-bit precision (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
     Transformer Models", a GPT layer without recomputation), doubled for fp32, plus fp32 logits
-    for every token. It assumes every example is max_length tokens long and ignores adapter
-    intermediates and memory-efficient attention, so it is a rough upper estimate.
+    for every token. `adapter_features` adds the adapters' own intermediates, that many values per
+    token kept for the backward pass (for VeRA: rank times adapted layers, which dominates at high
+    ranks). It assumes every example is max_length tokens long and ignores memory-efficient
+    attention, so it is a rough upper estimate.
     """
     low_precision = precision == "bf16"
     weight_bytes = 2 if low_precision else 4
@@ -235,6 +237,7 @@ def memory_estimate(model_config, *, total: int, trainable: int, full: bool, pre
         "master_weights": trainable * 4 if low_precision else 0,
         "adamw_states": trainable * 8,
         "activations_estimate": int(layers * per_layer + logits),
+        "adapter_intermediates": tokens * adapter_features * (2 if precision != "fp32" else 4),
     }
     return {"bytes": parts, "total_bytes": sum(parts.values()),
             "total_gib": round(sum(parts.values()) / 2**30, 3),

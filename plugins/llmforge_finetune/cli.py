@@ -83,7 +83,7 @@ def print_plan(plan: dict) -> None:
               help="Fine-tuning method; --list-methods shows each one's options and defaults.")
 @click.option("--list-methods", is_flag=True, help="List the methods with their options and defaults, and exit.")
 @click.option("--rank", type=int, help="Rank r (LoRA family, AdaLoRA target rank, VeRA); default 8, VeRA 256.")
-@click.option("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) for rslora); default 16.")
+@click.option("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) for rslora); default 16 (AdaLoRA 8).")
 @click.option("--dropout", type=float, help="Adapter dropout probability; default 0.05 for the LoRA family, else 0.")
 @click.option("--block-size", type=int, help="Block size of OFT (default 32), BOFT (8) and MiSS (64).")
 @click.option("--target-modules",

@@ -110,6 +110,24 @@ def training_precision(spec: MethodSpec, settings: TrainSettings) -> TrainSettin
     return dataclasses.replace(settings, precision="fp32")
 
 
+def _vera_features(model_config, spec: MethodSpec, values: dict[str, Any]) -> int:
+    """Return VeRA's per-token intermediate values (rank per adapted layer), warning when the rank passes the width.
+
+    Each VeRA layer projects its input to `rank` values with a frozen random matrix, so above the
+    model's hidden size a larger rank adds trainable scales but mostly memory and time.
+    """
+    from llmforge_finetune.budget import targeted_shapes
+
+    if spec.name != "vera":
+        return 0
+    rank = values["rank"]
+    if rank > model_config.hidden_size:
+        logger.warning("VeRA --rank %d is above the hidden size %d: every adapted layer keeps a (tokens x %d) "
+                       "intermediate, so memory and time grow with the rank; a smaller --budget or --rank is cheaper",
+                       rank, model_config.hidden_size, rank)
+    return rank * len(targeted_shapes(model_config, spec, values))
+
+
 def plan_run(request: FinetuneRequest, cache) -> dict[str, Any]:
     """Resolve the method's options and size (matching --budget) and count parameters, without loading weights."""
     from transformers import AutoConfig
@@ -144,7 +162,7 @@ def plan_run(request: FinetuneRequest, cache) -> dict[str, Any]:
     settings = training_precision(spec, request.train)
     memory = memory_estimate(model_config, total=total, trainable=trainable, full=spec.name == "full",
                              precision=settings.precision, batch_size=settings.batch_size,
-                             max_length=request.max_length)
+                             max_length=request.max_length, adapter_features=_vera_features(model_config, spec, values))
     size = values.get(spec.size_option) if spec.size_option else None
     return {
         "method": spec.name, "title": spec.title, "model": request.model, "options": values,
