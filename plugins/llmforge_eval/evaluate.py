@@ -42,7 +42,7 @@ DEFAULT_DTYPE = "bfloat16"
 
 # Bump when a change to the scoring code changes scores, so that older cached scores are not reused.
 # 2: generate tasks accept any answer of a list reference field instead of the list's repr.
-SCORER_VERSION = 2
+SCORER_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """Multiple-choice scoring: the log-likelihood of each choice's continuation given the prompt.
 
 Accuracy picks the choice with the highest summed log-likelihood. Length-normalised accuracy
-divides each sum by the continuation's length in characters (not tokens or bytes) before picking.
+divides each sum by the continuation's length in characters (not tokens or bytes), leading
+whitespace excluded, before picking. lm-evaluation-harness divides by the length of the choice
+text without the space that joins it to the prompt, so for the usual " {choice}" continuation
+the two agree.
 """
 
 from __future__ import annotations
@@ -254,7 +257,7 @@ def score_multiple_choice(model, tokenizer, spec: TaskSpec, records: Sequence[di
     correct = correct_norm = 0
     for example, scores in zip(examples, loglikelihoods):
         count = len(example.continuations)
-        normalised = [score / len(text) for score, text in zip(scores, example.continuations)]
+        normalised = [score / max(1, len(text.lstrip())) for score, text in zip(scores, example.continuations)]
         correct += int(max(range(count), key=scores.__getitem__) == example.gold)
         correct_norm += int(max(range(count), key=normalised.__getitem__) == example.gold)
 
@@ -265,7 +268,7 @@ def score_multiple_choice(model, tokenizer, spec: TaskSpec, records: Sequence[di
         "acc_stderr": proportion_stderr(acc, n),
         "acc_norm": acc_norm,
         "acc_norm_stderr": proportion_stderr(acc_norm, n),
-        "length_normalisation": "characters",
+        "length_normalisation": "characters without leading whitespace",
     }
     metric = spec.metric_name
     return {"metric": metric, "score": metrics[metric], "stderr": metrics[f"{metric}_stderr"], "n": n,
