@@ -44,6 +44,20 @@ class ForgeGroup(click.Group):
             ctx.exit(1)
 
 
+def silence_progress_bars() -> None:
+    """Turn off the progress bars of transformers and huggingface_hub (GGUF conversion, weight loading).
+
+    Commands call this for --quiet before they load a model.
+    """
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    else:
+        # Read when transformers is imported; cheaper than importing it when nothing is loaded.
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
 def print_json(document) -> None:
     """Write one JSON document on stdout, the form every ``--json`` option uses."""
     click.echo(json.dumps(document, indent=2, sort_keys=True, default=str))

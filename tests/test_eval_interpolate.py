@@ -275,3 +275,29 @@ def test_smollm2_lora_path_and_rewind(real_model_cache, tmp_path):
     assert point_scores(points["a=1"]) == tuned
     assert list(rewind) == ["base", "step-000001", "final"]
     assert sum(point["best"] for point in report["points"]) == 1
+
+
+@pytest.mark.parametrize("method, path_method", [("lora", "lora-scaling"), ("oft", "oft-cayley"), ("full", "dense")])
+def test_path_model_endpoints_give_base_and_tuned_logits(runs, tiny_model_dir, method, path_method):
+    # The report takes the a=0 and a=1 scores from the models themselves, so this checks the
+    # in-memory path directly: its logits at the ends equal the base's and the tuned model's.
+    import torch
+
+    from llmforge.cache import Cache
+    from llmforge.models import load_model
+    from llmforge_eval.interpolate import load_path_model
+
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        base_logits = load_model(str(tiny_model_dir)).model(ids).logits
+        tuned_logits = load_model(str(runs[method])).model(ids).logits
+        path = load_path_model(str(runs[method]), str(tiny_model_dir), path_method, dtype="float32",
+                               oft_scale="sqrt", cache=Cache())
+        path.set_alpha(0.0)
+        start = path.loaded.model(ids).logits
+        path.set_alpha(1.0)
+        end = path.loaded.model(ids).logits
+
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
+    assert torch.allclose(start, base_logits, atol=1e-5)
+    assert torch.allclose(end, tuned_logits, atol=1e-4)

@@ -316,6 +316,8 @@ def test_real_model_few_steps(tmp_path, shared_cache, monkeypatch):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["trainable_parameters"] == 2_442_240
+    # --quiet also silences transformers' weight-loading progress bar.
+    assert "Loading weights" not in result.stderr
     assert summary["final_train_loss"] < 5
     record = json.loads((output / "forge_run.json").read_text())
     assert record["base_reference"] == "smollm2-135m"

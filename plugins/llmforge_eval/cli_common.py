@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
+from llmforge.cli import silence_progress_bars
+
+__all__ = ["split_list", "silence_progress_bars", "plots_directory", "emit_report"]
+
 
 def split_list(value: str | None) -> list[str]:
     """Split a comma list option such as "arith,facts" into its non-empty, stripped items."""
     return [name.strip() for name in (value or "").split(",") if name.strip()]
-
-
-def silence_progress_bars() -> None:
-    """Turn off the progress bars of transformers and huggingface_hub (GGUF conversion, weight loading)."""
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-    else:
-        # Read when transformers is imported; cheaper than importing it when every score is cached.
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 def plots_directory(plots_dir: str | Path | None, output: str | Path | None) -> Path | None:

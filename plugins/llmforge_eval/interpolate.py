@@ -458,14 +458,24 @@ def resolve_pair(tuned: str, baseline: str | None, cache: Cache) -> ModelPair:
 
 
 def score_interpolation(pair: ModelPair, alphas: Sequence[float], tasks, *, method: str, oft_scale: str,
-                        cache: Cache, settings: ScoreSettings) -> list[PathPoint]:
-    """Score W(a) at each a; the model is loaded once, and only when some score is not cached."""
+                        base_scores: dict, cache: Cache, settings: ScoreSettings) -> list[PathPoint]:
+    """Score W(a) at each a; the model is loaded once, and only when some score is not cached.
+
+    W(0) is the base and W(1) the tuned model, so those two points take the scores of the models
+    themselves (shared with `forge eval`). Built in memory they would differ by rounding: in
+    bfloat16 the adapter's code path can flip a greedy token even at a = 0.
+    """
     inputs = {"base": pair.baseline_digest, "tuned": pair.tuned_digest}
     params = {"method": method, **({"oft_scale": oft_scale} if method == "oft-cayley" else {})}
     holder: list[PathModel] = []
     points = []
     for alpha in alphas:
         point = PathPoint("interpolation", f"a={alpha:g}", alpha=alpha)
+        if alpha in (0.0, 1.0):
+            point.tasks = base_scores if alpha == 0.0 else score_reference(pair.tuned, tasks, cache=cache,
+                                                                           settings=settings)
+            points.append(point)
+            continue
         keys = {task.spec.name: point_key(inputs, point.label, {**params, "alpha": alpha}, task, settings)
                 for task in tasks}
 
@@ -540,8 +550,8 @@ def interpolate(tuned: str, *, target: Sequence[str], general: Sequence[str], ba
     settings = ScoreSettings(limit, seed, dtype, batch_size, use_cache, progress)
 
     base_scores = score_reference(pair.baseline, tasks, cache=cache, settings=settings)
-    points = score_interpolation(pair, alphas, tasks, method=method, oft_scale=oft_scale, cache=cache,
-                                 settings=settings)
+    points = score_interpolation(pair, alphas, tasks, method=method, oft_scale=oft_scale, base_scores=base_scores,
+                                 cache=cache, settings=settings)
     if checkpoints:
         points += score_rewinding(pair, base_scores, tasks, cache=cache, settings=settings)
 
