@@ -123,7 +123,7 @@ def test_cayley_path_orthogonal_and_endpoint(runs):
     from peft.tuners.oft.layer import OFTRotationModule
 
     from llmforge.models import load_model
-    from llmforge_eval.interpolate import PathModel
+    from llmforge_eval.interpolation_path import PathModel
 
     loaded = load_model(str(runs["oft"]))
     modules = [module for module in loaded.model.modules() if isinstance(module, OFTRotationModule)]
