@@ -154,6 +154,13 @@ class Cache:
             os.utime(ref)
         return record
 
+    def lookup_json(self, key: CacheKey) -> Any | None:
+        """Return the JSON document cached under ``key``, or None when it is not cached; never computes."""
+        record = self.lookup(key)
+        if record is None:
+            return None
+        return json.loads(self.blob_path(record).read_text())
+
     # Writing
 
     @contextlib.contextmanager

@@ -174,3 +174,13 @@ def test_killed_writer_leaves_no_corrupt_entry(tmp_path, delay):
     for ref, record in cache.records():
         assert record is not None, ref
         assert json.loads(ref.read_text())["format"] == "tensors"
+
+
+def test_lookup_json_reads_without_computing(tmp_path):
+    cache = Cache(tmp_path / "cache")
+    key = CacheKey("eval-score", {"model": "sha256:" + "0" * 64}, {"limit": 5})
+
+    assert cache.lookup_json(key) is None
+    cache.put_json(key, {"score": 0.5})
+    assert cache.lookup_json(key) == {"score": 0.5}
+    assert cache.lookup_json(CacheKey("eval-score", {"model": "sha256:" + "0" * 64}, {"limit": 6})) is None

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -161,13 +160,6 @@ def score_key(model_digest: str, task: SelectedTask, *, limit: int | None, seed:
     return CacheKey("eval-score", {"model": model_digest, "task": task.digest}, params)
 
 
-def _read_cached(cache: Cache, key: CacheKey) -> dict | None:
-    record = cache.lookup(key)
-    if record is None:
-        return None
-    return json.loads(cache.blob_path(record).read_text())
-
-
 def _new_entry(info: ModelInfo) -> dict[str, Any]:
     entry = {"reference": info.reference, "digest": info.digest, "tasks": {}, "weights_loaded": False}
     if info.is_adapter:
@@ -209,7 +201,7 @@ def score_models(infos: Sequence[ModelInfo], tasks: Sequence[SelectedTask], *, c
         keys[info.reference] = {task.spec.name: score_key(info.digest, task, limit=limit, seed=seed, dtype=dtype)
                                 for task in tasks}
         for task in tasks:
-            cached = _read_cached(cache, keys[info.reference][task.spec.name]) if use_cache else None
+            cached = cache.lookup_json(keys[info.reference][task.spec.name]) if use_cache else None
             if cached is not None:
                 entries[info.reference]["tasks"][task.spec.name] = {**cached, "cached": True}
         missing[info.reference] = [task for task in tasks if task.spec.name not in entries[info.reference]["tasks"]]

@@ -91,13 +91,6 @@ def point_key(inputs: dict[str, str], point: str, params: dict[str, Any], task, 
     return CacheKey(SCORE_KIND, {**inputs, "task": task.digest}, params)
 
 
-def _read_cached(cache: Cache, key: CacheKey) -> dict | None:
-    record = cache.lookup(key)
-    if record is None:
-        return None
-    return json.loads(cache.blob_path(record).read_text())
-
-
 def score_with_keys(keys: dict[str, CacheKey], tasks, prepare: Callable[[], Any], *, cache: Cache,
                     settings: ScoreSettings) -> dict[str, dict]:
     """Score every task under its cache key; `prepare()` returns the model to score and runs only on a miss."""
@@ -106,7 +99,7 @@ def score_with_keys(keys: dict[str, CacheKey], tasks, prepare: Callable[[], Any]
     results: dict[str, dict] = {}
     if settings.use_cache:
         for task in tasks:
-            cached = _read_cached(cache, keys[task.spec.name])
+            cached = cache.lookup_json(keys[task.spec.name])
             if cached is not None:
                 results[task.spec.name] = {**cached, "cached": True}
 
