@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from llmforge.cli import silence_progress_bars
 from llmforge.errors import ForgeError
 
 from llmforge_finetune.methods import METHODS, MethodSettings, get_method
@@ -162,8 +161,6 @@ def finetune_command(model, data, output, fmt, prompt_template, completion_templ
         raise click.UsageError("Missing option '--model'.")
     if not dry_run and (data is None or output is None):
         raise click.UsageError("Missing option '--data' or '-o/--output' (both are required unless --dry-run is given).")
-    if quiet:
-        silence_progress_bars()
     if threads is not None:
         import torch
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmforge.checkpoint import check_output_directory
+from llmforge.cli import silence_progress_bars
 from llmforge.data import OVERLONG_POLICIES
 from llmforge.errors import ForgeError
 
@@ -193,6 +194,9 @@ def run_finetune(request: FinetuneRequest, *, command: list[str] | None = None,
     """
     from llmforge.cache import Cache
 
+    if not request.progress:
+        # Before plan_run, whose first use of a built-in model converts its GGUF file with a progress bar.
+        silence_progress_bars()
     cache = cache or Cache()
     plan = plan_run(request, cache)
     if request.dry_run:
@@ -341,11 +345,8 @@ def _train_on_rank(request: FinetuneRequest, plan: dict, command, cache, world) 
     spec = get_method(plan["method"])
     settings = training_precision(spec, request.train)
     partial = _open_partial(request, spec, plan, settings, cache, world)
-    progress = request.progress and world.is_main
-    if not progress:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
+    if not world.is_main:
+        silence_progress_bars()
 
     tokenizer = load_tokenizer(request.model, cache=cache)
     data_path, record_count, tokenized, stats = _read_tokenized(request.data, request, tokenizer, limit=request.limit)
@@ -367,7 +368,7 @@ def _train_on_rank(request: FinetuneRequest, plan: dict, command, cache, world) 
                                                 base_reference=base_reference, base_digest=loaded.digest)
     step_hook, regularizer = adalora_hooks(trained, spec)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result = train(trained, tokenized, settings, pad_token_id=pad_id, progress=progress,
+    result = train(trained, tokenized, settings, pad_token_id=pad_id, progress=request.progress,
                    step_hook=step_hook, regularizer=regularizer,
                    held_out=HeldOut(held_out, request.eval_every) if held_out else None, partial=partial,
                    world=world)
