@@ -349,7 +349,7 @@ class PackedBatch:
     `position_ids` restart at 0 for each example. `labels` ignore each example's first token,
     which would otherwise be predicted from the previous example's last token. For attention,
     `segment_index[i, t]` is the row position of token t of example i and `segment_valid[i, t]`
-    says whether example i has a token t; both have shape (examples, longest example).
+    is True when example i has a token t; both have shape (examples, longest example).
     """
 
     input_ids: Any

@@ -63,9 +63,9 @@ def interpolate_command(tuned, baseline, target, general, alphas, checkpoints, o
     path over the checkpoints a `forge finetune --save-every N` run kept.
 
     The best trade-off point is the point with the highest general score among the points whose
-    target score is within --tolerance points of the best target score; points that no other
+    target score is within --tolerance points of the best target score. Points that no other
     point beats on both scores form the Pareto frontier. -o writes the JSON report, as in
-    `forge eval`; the best point's model goes to --write-best DIR.
+    `forge eval`, and --write-best DIR writes the best point's model.
 
     \b
     forge eval interpolate --model ./lora-run --target arith --general facts

@@ -2,7 +2,7 @@
 
 PyTorch's CPU dropout draws one Bernoulli sample per element. On the development CPU that took
 about 0.8 ms for an 8 x 33 x 576 bf16 tensor, as long as that tensor's product with a 576 x 576
-weight, and LoRA applies it to the input of every adapted linear layer. Here one 64-bit draw
+weight. LoRA applies it to the input of every adapted linear layer. Here one 64-bit draw
 from the same torch generator gives four 16-bit lanes, and each lane becomes a keep decision
 by arithmetic on floats: about 0.25 ms for the same tensor. The drop probability is rounded to
 a multiple of 1/65536 (0.05 becomes 3277/65536 = 0.050003), and kept values are scaled by the

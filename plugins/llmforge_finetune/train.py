@@ -367,7 +367,7 @@ def _batch_stream(examples, settings: TrainSettings, *, skip: int = 0):
     """Yield global micro-batches (lists of examples) forever, each epoch in a new seeded order; skip the first `skip`.
 
     The order depends only on the seed and the epoch, so a resumed run that skips the batches it
-    has already trained on sees the same batches as an uninterrupted run. Under data parallelism
+    has already trained on gets the same batches as an uninterrupted run. Under data parallelism
     every rank builds the same global batches and `_accumulate` takes its share of each.
     """
     batches_per_epoch = math.ceil(len(examples) / settings.batch_size)
