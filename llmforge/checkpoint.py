@@ -29,6 +29,8 @@ TASK_VECTOR_FORMAT = "llmforge.task_vector"
 # Every forge output directory contains this run record; --overwrite replaces only such directories.
 RUN_RECORD_NAME = "forge_run.json"
 TASK_VECTOR_FORMAT_VERSION = "1"
+# A long run keeps its resumable state in OUTPUT.partial beside its output until the output is written.
+PARTIAL_SUFFIX = ".partial"
 
 # A safetensors header takes about a hundred bytes per tensor. The safetensors library rejects
 # headers over 100 MB too, so a larger one is a damaged or hostile file.
@@ -149,6 +151,12 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, marker
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     _fsync_directory(path.parent)
+
+
+def partial_directory(output: str | os.PathLike) -> Path:
+    """Return the in-progress directory of a run writing `output`: OUTPUT.partial beside it."""
+    output = Path(output)
+    return output.with_name(output.name + PARTIAL_SUFFIX)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -342,6 +350,37 @@ def load_task_vector(path: str | os.PathLike) -> tuple[dict[str, "torch.Tensor"]
             f"this forge reads version {TASK_VECTOR_FORMAT_VERSION}"
         )
     return load_tensors(path), metadata
+
+
+def write_merged_model(base_dir: Path, vector, directory: Path, tokenizer) -> None:
+    """Write base weights plus the task vector as an HF model directory in `directory` (created if missing).
+
+    Each base safetensors file is read, updated and written on its own, so at most one shard of
+    weights is in memory besides the vector. Tensors keep the base's dtype.
+    """
+    import torch
+    from safetensors import safe_open
+
+    directory.mkdir(exist_ok=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors.index.json"):
+        if (base_dir / name).is_file():
+            shutil.copyfile(base_dir / name, directory / name)
+
+    remaining = set(vector)
+    for path in sorted(base_dir.glob("*.safetensors")):
+        tensors = {}
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if key in vector:
+                    tensor = (tensor.to(torch.float32) + vector[key]).to(tensor.dtype)
+                    remaining.discard(key)
+                tensors[key] = tensor
+        save_tensors(directory / path.name, tensors, metadata={"format": "pt"})
+    if remaining:
+        raise ForgeError(f"cannot merge: {len(remaining)} task-vector tensors such as {sorted(remaining)[0]} are not "
+                         f"in the base weights in {base_dir}")
+    tokenizer.save_pretrained(str(directory))
 
 
 def _package_version(name: str) -> str | None:

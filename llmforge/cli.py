@@ -58,6 +58,24 @@ def silence_progress_bars() -> None:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
+def parse_columns(values: tuple[str, ...]) -> dict[str, str]:
+    """Parse repeated FIELD=NAME options into {FIELD: NAME}."""
+    columns = {}
+    for value in values:
+        target, separator, source = value.partition("=")
+        if not separator or not target.strip() or not source.strip():
+            raise ForgeError(f"invalid --column {value!r}; use FIELD=NAME, for example prompt=question")
+        columns[target.strip()] = source.strip()
+    return columns
+
+
+def unescape_template(ctx, param, value: str | None) -> str | None:
+    """Turn the escapes \\n and \\t typed in a shell into a newline and a tab."""
+    if value is None:
+        return None
+    return value.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def print_json(document) -> None:
     """Write one JSON document on stdout, the form every ``--json`` option uses."""
     click.echo(json.dumps(document, indent=2, sort_keys=True, default=str))

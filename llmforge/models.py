@@ -464,6 +464,14 @@ def load_model(
     )
 
 
+def stored_reference(reference: str) -> str:
+    """Return a model reference as outputs store it: built-in names as given, paths made absolute."""
+    path = Path(reference).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return reference
+
+
 def resolve_model_dir(reference: str, *, cache: Cache | None = None) -> Path:
     """Return the HF model directory of a reference (for an adapter, its base model's directory)."""
     resolved = resolve(reference, cache=cache)

@@ -8,31 +8,13 @@ from pathlib import Path
 
 import click
 
-from llmforge.errors import ForgeError
+from llmforge.cli import parse_columns, unescape_template
 
 from llmforge_finetune.methods import METHODS, MethodSettings, get_method
 from llmforge_finetune.run import FinetuneRequest
 from llmforge_finetune.train import TrainSettings
 
 FORMATS = ["auto", "text", "prompt-completion", "instruction", "chat"]
-
-
-def parse_columns(values: tuple[str, ...]) -> dict[str, str]:
-    """Parse repeated FIELD=NAME options into {FIELD: NAME}."""
-    columns = {}
-    for value in values:
-        target, separator, source = value.partition("=")
-        if not separator or not target.strip() or not source.strip():
-            raise ForgeError(f"invalid --column {value!r}; use FIELD=NAME, for example prompt=question")
-        columns[target.strip()] = source.strip()
-    return columns
-
-
-def unescape_template(ctx, param, value: str | None) -> str | None:
-    """Turn the escapes \\n and \\t typed in a shell into a newline and a tab."""
-    if value is None:
-        return None
-    return value.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def print_methods(as_json: bool) -> None:

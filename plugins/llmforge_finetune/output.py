@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from llmforge.checkpoint import write_merged_model
 from llmforge.errors import ForgeError
 
 from llmforge_finetune.methods import MethodSpec
@@ -48,39 +49,6 @@ def full_task_vector(model, base_dir: Path) -> dict[str, Any]:
             base = handle.get_tensor(name).to(torch.float32)
         vector[name] = parameter.detach().to(torch.float32) - base
     return vector
-
-
-def write_merged_model(base_dir: Path, vector, directory: Path, tokenizer) -> None:
-    """Write base weights plus the task vector as an HF model directory in `directory` (created here).
-
-    Each base safetensors file is read, updated and written on its own, so at most one shard of
-    weights is in memory besides the vector. Tensors keep the base's dtype.
-    """
-    import torch
-    from safetensors import safe_open
-
-    from llmforge.checkpoint import save_tensors
-
-    directory.mkdir()
-    for name in ("config.json", "generation_config.json", "model.safetensors.index.json"):
-        if (base_dir / name).is_file():
-            shutil.copyfile(base_dir / name, directory / name)
-
-    remaining = set(vector)
-    for path in sorted(base_dir.glob("*.safetensors")):
-        tensors = {}
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                if key in vector:
-                    tensor = (tensor.to(torch.float32) + vector[key]).to(tensor.dtype)
-                    remaining.discard(key)
-                tensors[key] = tensor
-        save_tensors(directory / path.name, tensors, metadata={"format": "pt"})
-    if remaining:
-        raise ForgeError(f"cannot merge: {len(remaining)} task-vector tensors such as {sorted(remaining)[0]} are not "
-                         f"in the base weights in {base_dir}")
-    tokenizer.save_pretrained(str(directory))
 
 
 def write_run(request, spec: MethodSpec, trained, *, base_digest: str, base_dir: Path, tokenizer, fields: dict,

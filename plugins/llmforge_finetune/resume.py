@@ -34,22 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from llmforge.checkpoint import partial_directory
 from llmforge.errors import ForgeError
 
 STATE_FORMAT = "llmforge.finetune.partial/1"
-PARTIAL_SUFFIX = ".partial"
 # Settings that may change on --resume after a run stopped on a NaN or infinite loss.
 RETUNABLE_AFTER_STOP = ("--lr", "--max-grad-norm")
 # Settings whose mismatch is reported before any other on --resume.
 LEADING_SETTINGS = ("--model", "--method")
 # Test hook: the process kills itself with SIGKILL right after saving the state of this step.
 KILL_AFTER_STEP_VARIABLE = "LLMFORGE_FINETUNE_KILL_AFTER_STEP"
-
-
-def partial_directory(output: Path) -> Path:
-    """Return the in-progress directory of a run writing `output`: OUTPUT.partial beside it."""
-    output = Path(output)
-    return output.with_name(output.name + PARTIAL_SUFFIX)
 
 
 @dataclass

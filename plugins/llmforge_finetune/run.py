@@ -13,6 +13,7 @@ from llmforge.checkpoint import check_output_directory
 from llmforge.cli import silence_progress_bars
 from llmforge.data import OVERLONG_POLICIES
 from llmforge.errors import ForgeError
+from llmforge.models import stored_reference
 
 from llmforge_finetune.methods import MethodSettings, MethodSpec, get_method
 from llmforge_finetune.train import TrainSettings
@@ -92,14 +93,6 @@ class FinetuneRequest:
             raise ForgeError("--eval-every needs held-out data: pass --eval-split F or --eval-data PATH")
         if self.save_every is not None and self.save_every <= 0:
             raise ForgeError(f"invalid --save-every {self.save_every}; it must be a positive number of steps")
-
-
-def stored_base_reference(reference: str) -> str:
-    """Return the base reference to store in the output: built-in names as given, paths made absolute."""
-    path = Path(reference).expanduser()
-    if path.exists():
-        return str(path.resolve())
-    return reference
 
 
 def training_precision(spec: MethodSpec, settings: TrainSettings) -> TrainSettings:
@@ -361,7 +354,7 @@ def _train_on_rank(request: FinetuneRequest, plan: dict, command, cache, world) 
     total_steps = settings.total_steps(math.ceil(len(tokenized) / settings.batch_size))
     trained = wrap_model(loaded.model, spec, plan["options"], total_steps=total_steps)
     initial_factors = initial_lora_factors(trained) if spec.mutated_init else None
-    base_reference = stored_base_reference(request.model)
+    base_reference = stored_reference(request.model)
     if spec.name != "full":
         trained.peft_config["default"].base_model_name_or_path = base_reference
     partial.save_checkpoint = checkpoint_writer(spec, trained, initial_factors=initial_factors,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from llmforge.errors import ForgeError
 
 from llmforge_zo.objective import OutputHead, ScoringBatch, StateScores, output_head, state_losses
+from llmforge_zo.packing import pack
 from llmforge_zo.states import StackedStates
 
 ALL_LINEAR = "all-linear"
@@ -83,8 +84,9 @@ class TorchScorer:
 
     name = "torch"
 
-    def __init__(self, model, targets: list[str], dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, model, targets: list[str], dtype: torch.dtype = torch.bfloat16, *, packing: bool = True):
         self.dtype = dtype
+        self.packing = packing
         modules = dict(model.named_modules())
         self.initial = {name: modules[name].weight.detach().float().clone() for name in targets}
 
@@ -111,23 +113,37 @@ class TorchScorer:
         self.layers[name].weight.data.copy_(weight)
 
     def score(self, states: StackedStates, batch: ScoringBatch) -> StateScores:
-        """Return the loss of every state on `batch`, from one forward of states.count * R rows."""
+        """Return the loss of every state on `batch`, from one forward of all states' rows."""
         count = states.count
         try:
             for name, layer in self.layers.items():
                 delta = states.deltas.get(name)
                 layer.set_delta(None if delta is None else delta.down, None if delta is None else delta.up, count)
-
-            input_ids = batch.input_ids.repeat(count, 1)
-            attention_mask = batch.attention_mask.repeat(count, 1)
             with torch.inference_mode():
-                hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                return state_losses(batch, hidden.float(), self.head, count)
+                if self.packing:
+                    return self._score_packed(batch, count)
+                return self._score_padded(batch, count)
         finally:
             for layer in self.layers.values():
                 layer.set_delta(None, None, 1)
 
+    def _score_padded(self, batch: ScoringBatch, count: int) -> StateScores:
+        input_ids = batch.input_ids.repeat(count, 1)
+        attention_mask = batch.attention_mask.repeat(count, 1)
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return state_losses(batch, hidden.reshape(count, -1, hidden.shape[-1]), self.head)
 
-def torch_backend(model, targets: list[str], dtype: torch.dtype) -> TorchScorer:
+    def _score_packed(self, batch: ScoringBatch, count: int) -> StateScores:
+        # Filler tokens of a bin are masked out and never read, so any id will do.
+        packed = pack(batch.input_ids, batch.attention_mask, pad_id=0)
+        bins = packed.input_ids.shape[0]
+        mask = packed.attention_mask(self.dtype)
+        hidden = self.body(input_ids=packed.input_ids.repeat(count, 1),
+                           position_ids=packed.position_ids.repeat(count, 1),
+                           attention_mask=mask.expand(count * bins, -1, -1, -1)).last_hidden_state
+        return state_losses(batch, hidden.reshape(count, -1, hidden.shape[-1]), self.head, packed.locate)
+
+
+def torch_backend(model, targets: list[str], dtype: torch.dtype, **options) -> TorchScorer:
     """The `forge_zo_backends` factory of the built-in engine: (model, trained module names, dtype) -> scorer."""
-    return TorchScorer(model, targets, dtype)
+    return TorchScorer(model, targets, dtype, **options)

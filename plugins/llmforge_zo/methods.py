@@ -46,6 +46,8 @@ class PhaseTimes:
     forward: float = 0.0
     sync: float = 0.0
     update: float = 0.0
+    wall: float = 0.0
+    steps: int = 0
 
     def add(self, other: "PhaseTimes") -> None:
         for name in ("noise", "forward", "sync", "update"):

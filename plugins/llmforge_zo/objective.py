@@ -11,8 +11,8 @@ Two objectives:
   negative log-likelihood of the completion tokens (`TOKENS` with `choices` = 1).
 
 A `ScoringBatch` holds the token rows of one batch. Scorers run those rows under several states
-at once, state-major (row i of the model input is row i % R of the batch under state i // R),
-and hand the final hidden states to `state_losses`, which returns one loss per state.
+at once, state-major (the first block of model rows is the batch under state 0, and so on), and
+hand the final hidden states to `state_losses`, which returns one loss per state.
 """
 
 from __future__ import annotations
@@ -95,16 +95,23 @@ class StateScores:
         return (self.option_scores.argmax(dim=-1) == labels).sum(dim=-1)
 
 
-def state_losses(batch: ScoringBatch, hidden: torch.Tensor, head: OutputHead, states: int) -> StateScores:
-    """Read each state's loss from the final hidden states of the state-major rows (S*R x T x H)."""
-    hidden = hidden.view(states, batch.rows, hidden.shape[-2], hidden.shape[-1])
+def state_losses(batch: ScoringBatch, hidden: torch.Tensor, head: OutputHead, locate=None) -> StateScores:
+    """Read each state's loss from final hidden states S x X x H, where X holds every row's tokens.
+
+    `locate(rows, positions)` maps batch rows and token positions to indices into X; the default
+    is the padded layout, X = R * T.
+    """
+    states = hidden.shape[0]
+    if locate is None:
+        width = batch.input_ids.shape[1]
+        locate = lambda rows, positions: rows * width + positions  # noqa: E731
     if batch.kind == OPTIONS:
-        last = hidden[:, torch.arange(batch.rows), batch.positions]
-        option_logits = head.logits(last, batch.option_ids).float()
+        last = hidden[:, locate(torch.arange(batch.rows), batch.positions)]
+        option_logits = head.logits(last.float(), batch.option_ids)
         return _option_losses(torch.log_softmax(option_logits, dim=-1), batch.labels)
 
-    picked = hidden[:, batch.target_rows, batch.target_positions]
-    log_probs = torch.log_softmax(head.logits(picked).float(), dim=-1)
+    picked = hidden[:, locate(batch.target_rows, batch.target_positions)]
+    log_probs = torch.log_softmax(head.logits(picked.float()), dim=-1)
     target_log_probs = log_probs.gather(-1, batch.target_ids.expand(states, -1).unsqueeze(-1)).squeeze(-1)
     return _token_losses(batch, target_log_probs)
 
