@@ -41,11 +41,12 @@ bench: $(BIN)/forge
 	$(BIN)/python benchmarks/bench_model_load.py
 	$(BIN)/python benchmarks/bench_eval_cache.py
 	$(BIN)/python benchmarks/bench_finetune.py
+	$(BIN)/python benchmarks/bench_zo.py
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bench_eval_lm_eval.py
 
 completions: $(BIN)/forge
-	$(BIN)/python -m llmforge.completion --write completions
+	$(BIN)/python -m llmforge.completion completions
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .forge-cache

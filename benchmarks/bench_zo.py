@@ -4,8 +4,8 @@ For each method, both paths run the same seed, the same SST-2 batches (--limit t
 records, --batch-size 16) and the same number of steps on smollm2-135m, one after the other in
 this process. The reference loop is tests/zo_reference.py: fp32 weights perturbed in place
 (+eps, -2eps, +eps), noise regenerated from the seed four times, two padded forwards with full
-logits per query. The engine scores all 2q states as adapters in one packed forward, at the
-method's default scoring dtype unless --dtype says otherwise.
+logits per query. The engine scores all 2q states as adapters in one packed forward, in the
+method's default scoring dtype or in --dtype.
 
 Printed per method: seconds per step of each path with the breakdown (noise and perturbation,
 forward, host sync, update), their ratio, the final probe losses of both, and the engine step

@@ -8,7 +8,7 @@ _forge_command() {
     _forge_subcommands=() _forge_options=() _forge_arguments=() _forge_variadic=0
     case "$1" in
         'forge')
-            _forge_subcommands=(cache completion eval finetune models plugins)
+            _forge_subcommands=(cache completion eval finetune models plugins zo)
             _forge_options=(--allow-pickle --debug --help --version -h)
             ;;
         'forge cache')
@@ -59,6 +59,9 @@ _forge_command() {
             ;;
         'forge plugins')
             _forge_options=(--help --json -h)
+            ;;
+        'forge zo')
+            _forge_options=(--alpha --backend --batch-size --column --completion-template --data --dtype --eps --eval-batch-size --eval-data --eval-every --eval-limit --format --help --json --label-field --limit --lr --max-length --method --model --momentum --no-packing --nu --output --overwrite --packing --perturbation --prompt-template --queries --quiet --rank --resume --save-every --seed --single-token --steps --target-modules --template --threads --verbalizers --weight-decay -h -o)
             ;;
     esac
 }
@@ -150,6 +153,41 @@ _forge_option_nargs() {
         'forge finetune|--target-modules') _forge_nargs=1 ;;
         'forge finetune|--threads') _forge_nargs=1 ;;
         'forge finetune|--warmup-steps') _forge_nargs=1 ;;
+        'forge zo|--alpha') _forge_nargs=1 ;;
+        'forge zo|--backend') _forge_nargs=1 ;;
+        'forge zo|--batch-size') _forge_nargs=1 ;;
+        'forge zo|--column') _forge_nargs=1 ;;
+        'forge zo|--completion-template') _forge_nargs=1 ;;
+        'forge zo|--data') _forge_nargs=1 ;;
+        'forge zo|--dtype') _forge_nargs=1 ;;
+        'forge zo|--eps') _forge_nargs=1 ;;
+        'forge zo|--eval-batch-size') _forge_nargs=1 ;;
+        'forge zo|--eval-data') _forge_nargs=1 ;;
+        'forge zo|--eval-every') _forge_nargs=1 ;;
+        'forge zo|--eval-limit') _forge_nargs=1 ;;
+        'forge zo|--format') _forge_nargs=1 ;;
+        'forge zo|--label-field') _forge_nargs=1 ;;
+        'forge zo|--limit') _forge_nargs=1 ;;
+        'forge zo|--lr') _forge_nargs=1 ;;
+        'forge zo|--max-length') _forge_nargs=1 ;;
+        'forge zo|--method') _forge_nargs=1 ;;
+        'forge zo|--model') _forge_nargs=1 ;;
+        'forge zo|--momentum') _forge_nargs=1 ;;
+        'forge zo|--nu') _forge_nargs=1 ;;
+        'forge zo|--output'|'forge zo|-o') _forge_nargs=1 ;;
+        'forge zo|--perturbation') _forge_nargs=1 ;;
+        'forge zo|--prompt-template') _forge_nargs=1 ;;
+        'forge zo|--queries') _forge_nargs=1 ;;
+        'forge zo|--rank') _forge_nargs=1 ;;
+        'forge zo|--save-every') _forge_nargs=1 ;;
+        'forge zo|--seed') _forge_nargs=1 ;;
+        'forge zo|--single-token') _forge_nargs=1 ;;
+        'forge zo|--steps') _forge_nargs=1 ;;
+        'forge zo|--target-modules') _forge_nargs=1 ;;
+        'forge zo|--template') _forge_nargs=1 ;;
+        'forge zo|--threads') _forge_nargs=1 ;;
+        'forge zo|--verbalizers') _forge_nargs=1 ;;
+        'forge zo|--weight-decay') _forge_nargs=1 ;;
         *) _forge_nargs=0 ;;
     esac
 }
@@ -185,6 +223,13 @@ _forge_value() {
         'forge finetune|--output'|'forge finetune|-o') _forge_files ;;
         'forge finetune|--overlong') _forge_words reject truncate ;;
         'forge finetune|--schedule') _forge_words constant cosine ;;
+        'forge zo|--dtype') _forge_words bf16 fp32 ;;
+        'forge zo|--format') _forge_words auto chat instruction prompt-completion text ;;
+        'forge zo|--method') _forge_words lozo lozo-m mezo mezo-lora ;;
+        'forge zo|--model') _forge_words gemma3-270m smollm2-135m; _forge_files ;;
+        'forge zo|--output'|'forge zo|-o') _forge_files ;;
+        'forge zo|--perturbation') _forge_words exact factorised ;;
+        'forge zo|--single-token') _forge_words auto require ;;
     esac
 }
 

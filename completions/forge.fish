@@ -6,7 +6,7 @@
 function __forge_subcommands
     switch $argv[1]
         case ''
-            printf '%s\n' cache completion eval finetune models plugins
+            printf '%s\n' cache completion eval finetune models plugins zo
         case 'cache'
             printf '%s\n' gc info ls rm verify
         case 'eval'
@@ -185,6 +185,76 @@ function __forge_option_nargs
             echo 1
         case 'finetune|--warmup-steps'
             echo 1
+        case 'zo|--alpha'
+            echo 1
+        case 'zo|--backend'
+            echo 1
+        case 'zo|--batch-size'
+            echo 1
+        case 'zo|--column'
+            echo 1
+        case 'zo|--completion-template'
+            echo 1
+        case 'zo|--data'
+            echo 1
+        case 'zo|--dtype'
+            echo 1
+        case 'zo|--eps'
+            echo 1
+        case 'zo|--eval-batch-size'
+            echo 1
+        case 'zo|--eval-data'
+            echo 1
+        case 'zo|--eval-every'
+            echo 1
+        case 'zo|--eval-limit'
+            echo 1
+        case 'zo|--format'
+            echo 1
+        case 'zo|--label-field'
+            echo 1
+        case 'zo|--limit'
+            echo 1
+        case 'zo|--lr'
+            echo 1
+        case 'zo|--max-length'
+            echo 1
+        case 'zo|--method'
+            echo 1
+        case 'zo|--model'
+            echo 1
+        case 'zo|--momentum'
+            echo 1
+        case 'zo|--nu'
+            echo 1
+        case 'zo|--output' 'zo|-o'
+            echo 1
+        case 'zo|--perturbation'
+            echo 1
+        case 'zo|--prompt-template'
+            echo 1
+        case 'zo|--queries'
+            echo 1
+        case 'zo|--rank'
+            echo 1
+        case 'zo|--save-every'
+            echo 1
+        case 'zo|--seed'
+            echo 1
+        case 'zo|--single-token'
+            echo 1
+        case 'zo|--steps'
+            echo 1
+        case 'zo|--target-modules'
+            echo 1
+        case 'zo|--template'
+            echo 1
+        case 'zo|--threads'
+            echo 1
+        case 'zo|--verbalizers'
+            echo 1
+        case 'zo|--weight-decay'
+            echo 1
         case '*'
             echo 0
     end
@@ -221,6 +291,7 @@ complete -c forge -n '__forge_at' -a 'eval' -d 'Evaluate models on target and ge
 complete -c forge -n '__forge_at' -a 'finetune' -d 'Fine-tune a model with a PEFT method (or fully) on a data file and write the...'
 complete -c forge -n '__forge_at' -a 'models' -d 'List the built-in models, whether their package is installed, and whether a...'
 complete -c forge -n '__forge_at' -a 'plugins' -d 'List the loaded plugins with their versions and hooks, and the plugins that...'
+complete -c forge -n '__forge_at' -a 'zo' -d 'Fine-tune a model without backpropagation: zeroth-order (MeZO, LoZO) steps...'
 complete -c forge -n '__forge_at' -l allow-pickle -d 'Allow model weights stored as pickle files (.bin, .pt); they are read with...'
 complete -c forge -n '__forge_at' -l debug -d 'Show the full traceback of an error'
 complete -c forge -n '__forge_at' -l help -s h -d 'Show this message and exit'
@@ -392,3 +463,46 @@ complete -c forge -n '__forge_at models' -l json -d 'Print a JSON document inste
 # forge plugins
 complete -c forge -n '__forge_at plugins' -l help -s h -d 'Show this message and exit'
 complete -c forge -n '__forge_at plugins' -l json -d 'Print a JSON document instead of a table'
+
+# forge zo
+complete -c forge -n '__forge_at zo' -l alpha -x -d 'LoRA alpha of mezo-lora; the update is scaled by alpha/rank (default 2 x rank)'
+complete -c forge -n '__forge_at zo' -l backend -x -d 'Scoring backend; plugins add more through the forge_zo_backends hook'
+complete -c forge -n '__forge_at zo' -l batch-size -x -d 'Examples per step'
+complete -c forge -n '__forge_at zo' -l column -x -d 'LM objective: read the format\'s FIELD from the record field NAME (repeatable)'
+complete -c forge -n '__forge_at zo' -l completion-template -x -d 'LM objective: completion built from record fields'
+complete -c forge -n '__forge_at zo' -l data -x -d 'Training data: a .jsonl/.json/.csv/.tsv/.txt file, or demo:NAME'
+complete -c forge -n '__forge_at zo' -l dtype -x -a 'bf16 fp32' -d 'Scoring dtype of the frozen base (trained state is always fp32)'
+complete -c forge -n '__forge_at zo' -l eps -x -d 'Perturbation scale (default 1e-3; mezo-lora 1e-2)'
+complete -c forge -n '__forge_at zo' -l eval-batch-size -x -d 'Dev examples per forward'
+complete -c forge -n '__forge_at zo' -l eval-data -x -d 'Dev set in the training data\'s format: accuracy (classification) or loss'
+complete -c forge -n '__forge_at zo' -l eval-every -x -d 'Evaluate on --eval-data every N steps (always at step 0 and at the end)'
+complete -c forge -n '__forge_at zo' -l eval-limit -x -d 'Use only the first N dev records'
+complete -c forge -n '__forge_at zo' -l format -x -a 'auto chat instruction prompt-completion text' -d 'Record format of the LM objective (as in forge finetune)'
+complete -c forge -n '__forge_at zo' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at zo' -l json -d 'Print the run summary as one JSON document on stdout'
+complete -c forge -n '__forge_at zo' -l label-field -x -d 'Record field holding the label'
+complete -c forge -n '__forge_at zo' -l limit -x -d 'Use only the first N training records'
+complete -c forge -n '__forge_at zo' -l lr -x -d 'Constant learning rate (default 1e-6; mezo-lora 1e-4)'
+complete -c forge -n '__forge_at zo' -l max-length -x -d 'Maximum tokens per example'
+complete -c forge -n '__forge_at zo' -l method -x -a 'lozo lozo-m mezo mezo-lora' -d 'mezo: full-parameter SPSA; mezo-lora: SPSA on LoRA factors; lozo: low-rank U...'
+complete -c forge -n '__forge_at zo' -l model -r -F -a 'gemma3-270m smollm2-135m' -d 'Base model reference: a built-in name, HF directory or .gguf file'
+complete -c forge -n '__forge_at zo' -l momentum -x -d 'lozo-m: momentum coefficient'
+complete -c forge -n '__forge_at zo' -l no-packing -l packing -d 'Pack each batch\'s examples into dense rows so no padding is computed'
+complete -c forge -n '__forge_at zo' -l nu -x -d 'lozo: steps between redraws of V'
+complete -c forge -n '__forge_at zo' -l output -s o -r -F -d 'Directory to write: a PEFT adapter (mezo-lora) or an HF model, plus...'
+complete -c forge -n '__forge_at zo' -l overwrite -d 'Replace an existing output directory'
+complete -c forge -n '__forge_at zo' -l perturbation -x -a 'exact factorised' -d 'mezo only'
+complete -c forge -n '__forge_at zo' -l prompt-template -x -d 'LM objective: prompt built from record fields'
+complete -c forge -n '__forge_at zo' -l queries -x -d 'Directions q per step; the 2q states are scored in one forward and the...'
+complete -c forge -n '__forge_at zo' -l quiet -d 'No progress bars'
+complete -c forge -n '__forge_at zo' -l rank -x -d 'LoRA rank (mezo-lora, default 8), rank of U V^T (lozo, default 2), or factor...'
+complete -c forge -n '__forge_at zo' -l resume -d 'Continue an unfinished run from OUTPUT.partial/ with the same settings'
+complete -c forge -n '__forge_at zo' -l save-every -x -d 'Save the trainable state to OUTPUT.partial/ every N steps'
+complete -c forge -n '__forge_at zo' -l seed -x -d 'Seed of the data order, noise and LoRA init'
+complete -c forge -n '__forge_at zo' -l single-token -x -a 'auto require' -d 'auto scores multi-token words one row per option; require rejects them'
+complete -c forge -n '__forge_at zo' -l steps -x -d 'Number of zeroth-order steps'
+complete -c forge -n '__forge_at zo' -l target-modules -x -d 'Linear modules to train: all-linear or names such as q_proj,v_proj'
+complete -c forge -n '__forge_at zo' -l template -x -d 'Classification prompt filled from record fields, ending in the cue, e.g'
+complete -c forge -n '__forge_at zo' -l threads -x -d 'CPU threads for torch (default: one per core)'
+complete -c forge -n '__forge_at zo' -l verbalizers -x -d 'Classification labels and their words, e.g'
+complete -c forge -n '__forge_at zo' -l weight-decay -x -d 'Decoupled weight decay on the trained weights (lozo: forces a dense update...'

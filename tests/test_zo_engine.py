@@ -64,9 +64,9 @@ def test_engine_matches_reference_for_100_steps(tiny_model_dir, settings):
 
     engine_losses, reference_losses = torch.tensor(engine_losses), torch.tensor(run.losses)
     torch.testing.assert_close(engine_losses, reference_losses, rtol=1e-5, atol=0)
-    # The updates must agree to 0.1% of the distance travelled: that distance is about 100
-    # steps of lr * g * z, while rounding in the in-place round trips and in the finite
-    # differences moves the two runs apart by a few parts in 1e5 of it.
+    # The updates must agree to 0.1% of the distance travelled (about 100 steps of lr * g * z).
+    # Rounding in the in-place round trips and in the finite differences moves the two runs
+    # apart by a few parts in 1e5 of that distance.
     trained = method.state_tensors() if settings.method == "mezo-lora" else method.task_vector()
     for key, tensor in reference.tensors().items():
         start = 0 if settings.method == "mezo-lora" else method.base[key[:-len(".weight")]]

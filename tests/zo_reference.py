@@ -1,8 +1,8 @@
 """The conventional zeroth-order training loop, kept as the baseline the scoring engine is checked against.
 
-This is MeZO as its paper writes it: perturb the trainable tensors in place by +eps z, run a
-forward, move them by -2 eps z, run a second forward, move them back by +eps z, and update with
-z regenerated from the step's seed a fourth time. It runs a plain fp32 Hugging Face model (a
+This is MeZO as its paper (Malladi et al., 2023) writes it. Perturb the trainable tensors in
+place by +eps z and run a forward. Move them by -2 eps z and run a second forward. Move them back
+by +eps z, and update with z regenerated from the step's seed a fourth time. It runs a plain fp32 Hugging Face model (a
 peft LoRA model for mezo-lora), computes full logits, and shares with the engine only the
 seeded noise streams, the LoRA initialisation and the loss read from logits; nothing of the
 engine's states, folding or batching.

@@ -1,4 +1,4 @@
-"""Resumable state of a zeroth-order run: OUTPUT.partial/ holds the newest step's trainable state.
+"""Resumable state of a zeroth-order run: OUTPUT.partial/ contains the newest step's trainable state.
 
 A zeroth-order step is a pure function of (seed, step, state): its batch and its noise are drawn
 from the seed. So the trainable state (fp32 weights or LoRA factors, LoZO's accumulated update
@@ -24,7 +24,7 @@ SETTINGS_FILE = "zo_settings.json"
 
 @dataclass
 class History:
-    """What a run reports: mean probe loss per step, dev evaluations, and resumes."""
+    """The run's report so far: mean probe loss per step, dev evaluations, and the steps it resumed at."""
 
     losses: list[list[float]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)

@@ -92,9 +92,9 @@ def zo_command(model, data, output, method, template, verbalizers, label_field, 
     """Fine-tune a model without backpropagation: zeroth-order (MeZO, LoZO) steps scored as batched inference.
 
     Each step draws q random directions and scores the 2q nearby parameter states on one batch.
-    Every state is an adapter on the frozen base, so one batched forward scores them all; the
-    difference of each +/- pair gives a projected gradient, and the trained weights move along
-    the directions. Classification by verbalizers reads all options from one forward per prompt.
+    Every state is an adapter on the frozen base, so one batched forward scores them all. The
+    loss difference of each +/- pair is a projected gradient, and the trained weights move along
+    the directions by it. Classification by verbalizers reads all options from one forward per prompt.
 
     Writes a PEFT adapter (mezo-lora) or an HF model (mezo, lozo, lozo-m) with forge_run.json,
     and caches the task vector.

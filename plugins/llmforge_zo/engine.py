@@ -2,8 +2,8 @@
 
 `TorchScorer` swaps every trained linear module for a `StateLinear`, which computes
 x W^T + (x down^T) up^T with a different low-rank delta for each block of rows. The batch is
-repeated once per state, state-major, so row block s of every layer sees state s; one forward of
-S * R rows then scores S states. Scoring runs under `torch.inference_mode` in the chosen dtype
+repeated once per state, state-major, so row block s of every layer is computed under state s.
+One forward of S * R rows then scores S states. Scoring runs under `torch.inference_mode` in the chosen dtype
 (bf16 by default) and reads logits only where the loss needs them, in fp32. Nothing is written
 into the base weights while scoring; `set_weight` changes them between steps (after a LoZO fold
 or an exact MeZO perturbation).
@@ -145,5 +145,5 @@ class TorchScorer:
 
 
 def torch_backend(model, targets: list[str], dtype: torch.dtype, **options) -> TorchScorer:
-    """The `forge_zo_backends` factory of the built-in engine: (model, trained module names, dtype) -> scorer."""
+    """Build the built-in engine's scorer; this is the factory that `forge_zo_backends` registers as "torch"."""
     return TorchScorer(model, targets, dtype, **options)

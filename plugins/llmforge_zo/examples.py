@@ -116,8 +116,8 @@ def classification_data(records: Sequence[Mapping], tokenizer, *, template: str,
     """Fill the template for every record and map its label onto a verbalizer option.
 
     Each option is the word after one space (none when the template ends in whitespace). With
-    `single_token` "require", a word of more than one token is an error; with "auto" such words
-    are scored token by token, one row per option. Prompts longer than `max_length` tokens lose
+    `single_token` "require", a word of more than one token is an error. With "auto", the options
+    are then scored token by token, one row per option. Prompts longer than `max_length` tokens lose
     tokens from the start, so the cue at the end of the template stays.
     """
     separator = "" if template[-1:].isspace() else " "

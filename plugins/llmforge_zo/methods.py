@@ -4,8 +4,8 @@ Every step draws q directions, scores the 2q states theta +- eps * direction on 
 g_j = (L+_j - L-_j) / (2 eps) for each query and moves theta by -lr * (mean_j g_j direction_j
 + wd * theta). The methods differ in what theta and the directions are:
 
-- `MezoLora` (mezo-lora): theta is a LoRA adapter (A, B) on every trained module; directions
-  are Gaussian (dA, dB); every probed state is itself a LoRA adapter.
+- `MezoLora` (mezo-lora): theta is a LoRA adapter (A, B) on every trained module, and the
+  directions are Gaussian (dA, dB). Every probed state is itself a LoRA adapter.
 - `LowRankZO` (lozo, lozo-m, and mezo with --perturbation factorised): theta is the full weight
   of every trained module; directions are U V^T with V held for `nu` steps. Within a window the
   accumulated update is (sum of -lr g U) V^T, so the trained weight stays base + acc V^T, a

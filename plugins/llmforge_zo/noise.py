@@ -2,7 +2,7 @@
 
 Zeroth-order methods never store their random directions: they regenerate them from a seed
 when the update needs them again (the MeZO seed trick). Here each tensor of each query of each
-step gets its own generator, seeded from a hash of those indices, so the scoring engine, the
+step gets its own generator, seeded from a hash of those indices. So the scoring engine, the
 update and the reference loop in the test tree draw the same numbers in any order.
 
 Three kinds of direction, one per family of methods:

@@ -3,7 +3,7 @@
 Two objectives:
 
 - classification by verbalizers: a prompt template ends in a cue ("{sentence} It was") and each
-  label has one word ("terrible", "great"); the loss is the cross-entropy over the options'
+  label has one word ("terrible", "great"). The loss is the cross-entropy over the options'
   log-probabilities. When every word is one token, one forward of the prompt scores all options
   at its last position (`OPTIONS`); otherwise each option is appended to the prompt as its own
   row and scored by the sum of its tokens' log-probabilities (`TOKENS` with `choices` > 1);
@@ -32,8 +32,8 @@ class ScoringBatch:
     `input_ids` and `attention_mask` are R x T, right-padded. For `OPTIONS`, `positions[r]` is
     the last prompt token of row r, `option_ids` the K single-token options and `labels[r]` the
     correct option. For `TOKENS`, target token `target_ids[j]` of row `target_rows[j]` is
-    predicted at position `target_positions[j]`; rows come in groups of `choices` (one group
-    per example, options in label order) and `labels` holds the correct option of each group.
+    predicted at position `target_positions[j]`. Rows come in groups of `choices` (one group
+    per example, options in label order), and `labels` is the correct option of each group.
     """
 
     kind: str
@@ -96,7 +96,7 @@ class StateScores:
 
 
 def state_losses(batch: ScoringBatch, hidden: torch.Tensor, head: OutputHead, locate=None) -> StateScores:
-    """Read each state's loss from final hidden states S x X x H, where X holds every row's tokens.
+    """Read each state's loss from final hidden states S x X x H, where X runs over every row's tokens.
 
     `locate(rows, positions)` maps batch rows and token positions to indices into X; the default
     is the padded layout, X = R * T.

@@ -3,8 +3,8 @@
 Rows of a `ScoringBatch` are right-padded to the longest; short SST-2 prompts leave more than half
 of a padded batch as padding. `pack` places the rows' real tokens into bins of at most
 `max_tokens` tokens (first fit, longest first). Inside a bin, each example keeps its own
-positions (0, 1, ...) and a block-diagonal causal mask keeps attention inside it, so every
-token sees exactly what it would see alone. The mask is the additive 4-D form that Hugging Face
+positions (0, 1, ...) and a block-diagonal causal mask keeps attention inside it. So every
+token attends to exactly the tokens it would attend to alone. The mask is the additive 4-D form that Hugging Face
 attention takes as given.
 """
 

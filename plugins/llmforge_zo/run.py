@@ -133,7 +133,7 @@ def run_settings(request: ZORequest, settings: ZOSettings, model_digest: str, da
 
 
 def run_zo(request: ZORequest, *, command: list[str] | None = None, cache=None) -> dict[str, Any]:
-    """Run zeroth-order fine-tuning as the request says; return the run summary."""
+    """Run zeroth-order fine-tuning for `request`, write its output, and return the run summary."""
     import torch
 
     from llmforge.cache import Cache

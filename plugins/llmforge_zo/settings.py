@@ -11,7 +11,7 @@ METHODS = ("mezo", "mezo-lora", "lozo", "lozo-m")
 PERTURBATIONS = ("exact", "factorised")
 DTYPES = ("bf16", "fp32")
 
-# Defaults per method: eps and lr follow the MeZO and LoZO papers' usual settings (constant lr);
+# Defaults per method. eps and lr are the usual settings of the MeZO and LoZO papers (constant lr).
 # "rank" is the LoRA rank (mezo-lora), the rank of U V^T (lozo), or the factor rank of the
 # factorised stand-in for full-rank noise (mezo --perturbation factorised).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -24,7 +24,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class ZOSettings:
-    """What a zeroth-order step does; None fields take the method's default from DEFAULTS."""
+    """Hyper-parameters of a zeroth-order run; a None field takes the method's default from DEFAULTS."""
 
     method: str = "lozo"
     eps: float | None = None

@@ -1,9 +1,9 @@
 """Adapter states: the nearby parameter states that a zeroth-order step scores.
 
 Every probed state is a set of low-rank deltas on a frozen base: for module m, the weight seen
-by the forward is W_m + up_m @ down_m. A LoRA state is (down = A, up = scaling * B); a LoZO
-state is (down = V^T, up = accumulated update + eps * U). `StackedStates` holds S states in the
-layout a batched forward wants: per module, `up` is S x out x r and `down` is either r x in,
+by the forward is W_m + up_m @ down_m. A LoRA state is (down = A, up = scaling * B), and a LoZO
+state is (down = V^T, up = accumulated update + eps * U). `StackedStates` stores S states in the
+layout a batched forward needs. Per module, `up` is S x out x r, and `down` is either r x in,
 shared by all states (LoZO's V), or S x r x in.
 
 The `forge_zo_backends` interface speaks in these terms: a backend scores a `StackedStates` on a
