@@ -75,6 +75,9 @@ def test_lozo_writes_a_model_that_transformers_loads(tiny_model_dir, sst_like, t
     run_zo("--model", str(tiny_model_dir), "--data", str(sst_like), *CLASSIFY, "--method", "lozo", "--steps", "5",
            "--batch-size", "8", "--lr", "1e-2", "--nu", "2", "-o", str(out), env=forge_env)
 
+    record = json.loads((out / "forge_run.json").read_text())
+    assert record["settings"]["nu"] == 2
+    assert "alpha" not in record["settings"]
     tuned = AutoModelForCausalLM.from_pretrained(out).state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     changed = [name for name in base if not torch.equal(base[name], tuned[name])]
@@ -121,13 +124,15 @@ def test_resume_with_other_settings_is_rejected(tiny_model_dir, sst_like, tmp_pa
     run_zo(*common, check_ok=False, env={**forge_env, "LLMFORGE_ZO_KILL_AFTER_STEP": "2"})
     result = run_zo(*common, "--resume", "--seed", "5", check_ok=False, env=forge_env)
     assert result.returncode == 1
-    assert "method" in result.stderr
-    assert "resume with the same settings" in result.stderr
+    assert "--seed was 0 in the saved run and is 5 now" in result.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--eps", "0"], "invalid --eps 0.0; it must be positive"),
-    (["--lr", "-1e-3"], "invalid --lr -0.001; it must be positive"),
+    (["--eps", "0"], "invalid --eps 0.0; it must be a positive finite number"),
+    (["--eps", "inf"], "invalid --eps inf; it must be a positive finite number"),
+    (["--lr", "-1e-3"], "invalid --lr -0.001; it must be a positive finite number"),
+    (["--weight-decay", "nan"], "invalid --weight-decay nan"),
+    (["--batch-size", "64"], "fewer than one batch of 64"),
     (["--backend", "vllm"], "no zeroth-order scoring backend named 'vllm'"),
     (["--label-field", "stars"], "has no label in the field 'stars'"),
     (["--verbalizers", "0=terrible,1=zorblax"], None),

@@ -50,14 +50,16 @@ class PartialRun:
         self.settings = json.loads(json.dumps(settings))
 
     def open(self, *, resume: bool, overwrite: bool) -> Restored | None:
-        """Start fresh (removing an old partial run only with `overwrite`) or return the state to resume."""
+        """Start fresh (removing an old partial run only with `overwrite`) or return the state to resume.
+
+        A fresh run creates the directory at its first save, so a run that fails before saving
+        leaves nothing behind.
+        """
         if not resume:
             if self.directory.exists() and not overwrite:
                 raise ForgeError(f"an unfinished run of {self.output} is in {self.directory}; pass --resume to "
                                  "continue it, or --overwrite to discard it and start over")
             shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory.mkdir(parents=True)
-            write_json(self.directory / SETTINGS_FILE, self.settings)
             return None
 
         latest = self.latest()
@@ -79,12 +81,16 @@ class PartialRun:
         saved = json.loads((self.directory / SETTINGS_FILE).read_text(encoding="utf-8"))
         for name in sorted(set(saved) | set(self.settings)):
             if saved.get(name) != self.settings.get(name):
-                raise ForgeError(f"--resume: {name} was {saved.get(name)!r} in the saved run and is "
+                flag = "--" + name.replace("_", "-")
+                raise ForgeError(f"--resume: {flag} was {saved.get(name)!r} in the saved run and is "
                                  f"{self.settings.get(name)!r} now; resume with the same settings, "
                                  "or pass --overwrite to start over")
 
     def save(self, step: int, tensors: dict[str, Any], history: History) -> None:
         """Write the state after `step` steps, then remove older states."""
+        if not (self.directory / SETTINGS_FILE).is_file():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_json(self.directory / SETTINGS_FILE, self.settings)
         path = self.directory / f"state-{step:08d}.safetensors"
         older = [state for state in self.directory.glob("state-[0-9]*.safetensors") if state != path]
         metadata = {"step": str(step), "history": json.dumps(history.as_dict())}

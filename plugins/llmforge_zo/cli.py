@@ -52,7 +52,7 @@ def _print_summary(summary: dict) -> None:
 @click.option("--queries", type=int, default=1, show_default=True,
               help="Directions q per step; the 2q states are scored in one forward and the estimates averaged.")
 @click.option("--eps", type=float, help="Perturbation scale (default 1e-3; mezo-lora 1e-2).")
-@click.option("--lr", type=float, help="Constant learning rate (default 1e-6; mezo-lora 1e-4).")
+@click.option("--lr", type=float, help="Constant learning rate (default: mezo-lora 1e-3, lozo and lozo-m 1e-5, mezo 1e-6).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True,
               help="Decoupled weight decay on the trained weights (lozo: forces a dense update every step).")
 @click.option("--rank", type=int, help="LoRA rank (mezo-lora, default 8), rank of U V^T (lozo, default 2), or "
@@ -64,8 +64,7 @@ def _print_summary(summary: dict) -> None:
               help="mezo only. exact: dense Gaussian noise written into the weights, two forwards per query; "
                    "factorised: a rank --rank stand-in U V^T / sqrt(rank) scored as adapters in one forward.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]),
-              help="Scoring dtype of the frozen base (trained state is always fp32). "
-                   "Default fp32 for mezo and lozo, bf16 for mezo-lora.")
+              help="Scoring dtype of the frozen base; the trained state is always fp32. [default: bf16]")
 @click.option("--target-modules", default="all-linear", show_default=True,
               help="Linear modules to train: all-linear or names such as q_proj,v_proj.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order, noise and LoRA init.")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from llmforge.errors import ForgeError
 
 from llmforge_zo.objective import OutputHead, ScoringBatch, StateScores, output_head, state_losses
-from llmforge_zo.packing import pack
+from llmforge_zo.packing import DEFAULT_BIN_TOKENS, pack
 from llmforge_zo.states import StackedStates
 
 ALL_LINEAR = "all-linear"
@@ -84,11 +84,15 @@ class TorchScorer:
 
     name = "torch"
 
-    def __init__(self, model, targets: list[str], dtype: torch.dtype = torch.bfloat16, *, packing: bool = True):
+    def __init__(self, model, targets: list[str], dtype: torch.dtype = torch.bfloat16, *, packing: bool = True,
+                 bin_tokens: int = DEFAULT_BIN_TOKENS):
         self.dtype = dtype
         self.packing = packing
+        self.bin_tokens = bin_tokens
         modules = dict(model.named_modules())
-        self.initial = {name: modules[name].weight.detach().float().clone() for name in targets}
+        # In fp32 these are the layers' own weight tensors, so a method that updates them in
+        # place updates the scorer too; in bf16 the cast below gives the layers new tensors.
+        self.initial = {name: modules[name].weight.detach().float() for name in targets}
 
         model.requires_grad_(False)
         model.to(dtype).eval()
@@ -110,7 +114,9 @@ class TorchScorer:
 
     def set_weight(self, name: str, weight: torch.Tensor) -> None:
         """Overwrite the frozen weight of module `name` (cast to the scoring dtype)."""
-        self.layers[name].weight.data.copy_(weight)
+        layer_weight = self.layers[name].weight.data
+        if weight.data_ptr() != layer_weight.data_ptr():
+            layer_weight.copy_(weight)
 
     def score(self, states: StackedStates, batch: ScoringBatch) -> StateScores:
         """Return the loss of every state on `batch`, from one forward of all states' rows."""
@@ -135,12 +141,11 @@ class TorchScorer:
 
     def _score_packed(self, batch: ScoringBatch, count: int) -> StateScores:
         # Filler tokens of a bin are masked out and never read, so any id will do.
-        packed = pack(batch.input_ids, batch.attention_mask, pad_id=0)
-        bins = packed.input_ids.shape[0]
+        packed = pack(batch.input_ids, batch.attention_mask, pad_id=0, max_tokens=self.bin_tokens)
         mask = packed.attention_mask(self.dtype)
         hidden = self.body(input_ids=packed.input_ids.repeat(count, 1),
                            position_ids=packed.position_ids.repeat(count, 1),
-                           attention_mask=mask.expand(count * bins, -1, -1, -1)).last_hidden_state
+                           attention_mask=mask.repeat(count, 1, 1, 1)).last_hidden_state
         return state_losses(batch, hidden.reshape(count, -1, hidden.shape[-1]), self.head, packed.locate)
 
 

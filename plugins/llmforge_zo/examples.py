@@ -112,17 +112,19 @@ def pad_id_of(tokenizer) -> int:
 
 
 def classification_data(records: Sequence[Mapping], tokenizer, *, template: str, verbalizer: Verbalizer,
-                        label_field: str, max_length: int, single_token: str = "auto") -> ClassificationData:
+                        label_field: str, max_length: int, single_token: str = "auto",
+                        warn_options: bool = True) -> ClassificationData:
     """Fill the template for every record and map its label onto a verbalizer option.
 
     Each option is the word after one space (none when the template ends in whitespace). With
     `single_token` "require", a word of more than one token is an error. With "auto", the options
-    are then scored token by token, one row per option. Prompts longer than `max_length` tokens lose
-    tokens from the start, so the cue at the end of the template stays.
+    are then scored token by token, one row per option (logged once when `warn_options` is on).
+    Prompts longer than `max_length` tokens lose tokens from the start, so the cue at the end of
+    the template stays.
     """
     separator = "" if template[-1:].isspace() else " "
     option_tokens = [tokenizer(separator + word, add_special_tokens=False)["input_ids"] for word in verbalizer.words]
-    _check_options(verbalizer, option_tokens, single_token)
+    _check_options(verbalizer, option_tokens, single_token, warn_options)
 
     prompts, labels, cut = [], [], 0
     for index, record in enumerate(records):
@@ -142,7 +144,7 @@ def classification_data(records: Sequence[Mapping], tokenizer, *, template: str,
     return ClassificationData(prompts, labels, option_tokens, pad_id_of(tokenizer))
 
 
-def _check_options(verbalizer: Verbalizer, option_tokens: list[list[int]], single_token: str) -> None:
+def _check_options(verbalizer: Verbalizer, option_tokens: list[list[int]], single_token: str, warn: bool) -> None:
     for word, tokens in zip(verbalizer.words, option_tokens):
         if not tokens:
             raise ForgeError(f"the verbalizer word {word!r} tokenizes to nothing; choose a real word")
@@ -154,9 +156,10 @@ def _check_options(verbalizer: Verbalizer, option_tokens: list[list[int]], singl
             raise ForgeError(f"two verbalizer words of {', '.join(verbalizer.words)} are the same token; "
                              "choose words the model can tell apart")
         return
-    long_words = [word for word, tokens in zip(verbalizer.words, option_tokens) if len(tokens) > 1]
-    logger.warning("verbalizer words %s are more than one token; each option is scored as its own row "
-                   "(%dx the rows of the single-token path)", ", ".join(long_words), len(option_tokens))
+    long_words = [repr(word) for word, tokens in zip(verbalizer.words, option_tokens) if len(tokens) > 1]
+    if warn:
+        logger.warning("the verbalizer word %s takes more than one token, so each option is scored as its own "
+                       "row: %d times the rows of one-token words", " and ".join(long_words), len(option_tokens))
 
 
 def _fill_template(template: str, record: Mapping, location: str) -> str:

@@ -113,8 +113,12 @@ class ZOMethod:
         """Restore `state_tensors` saved after `step` steps."""
         raise NotImplementedError
 
-    def task_vector(self) -> dict[str, torch.Tensor]:
-        """Return the dense fp32 update of every trained weight, keyed NAME.weight."""
+    def task_vector(self, base_weight: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return the dense fp32 update of every trained weight, keyed NAME.weight.
+
+        `base_weight(key)` returns the base model's tensor `key`; full-parameter methods keep no
+        copy of the base weights, so they read them through it.
+        """
         raise NotImplementedError
 
 
@@ -187,7 +191,7 @@ class MezoLora(ZOMethod):
             self.a[name] = tensors[f"{name}.lora_A"].float().clone()
             self.b[name] = tensors[f"{name}.lora_B"].float().clone()
 
-    def task_vector(self) -> dict[str, torch.Tensor]:
+    def task_vector(self, base_weight=None) -> dict[str, torch.Tensor]:
         return {f"{name}.weight": self.scaling * self.b[name] @ self.a[name] for name in self.names}
 
 
@@ -198,7 +202,6 @@ class LowRankZO(ZOMethod):
         super().__init__(settings, scorer)
         self.nu, self.scale, self.beta = nu, scale, momentum
         self.weights = scorer.initial
-        self.base = {name: weight.clone() for name, weight in self.weights.items()}
         self.acc = {name: torch.zeros(self.shapes[name][0], settings.rank) for name in self.names}
         self.momentum = {name: torch.zeros_like(self.acc[name]) for name in self.names} if momentum else None
         self.window = None
@@ -280,11 +283,11 @@ class LowRankZO(ZOMethod):
                                              in_features=self.shapes[name][1])
                       for index, name in enumerate(self.names)}
 
-    def task_vector(self) -> dict[str, torch.Tensor]:
+    def task_vector(self, base_weight) -> dict[str, torch.Tensor]:
         vector = {}
         for name in self.names:
             weight = self.weights[name] + (self.acc[name] @ self.v[name].T if self.v else 0.0)
-            vector[f"{name}.weight"] = weight - self.base[name]
+            vector[f"{name}.weight"] = weight - base_weight(f"{name}.weight").float()
         return vector
 
 
@@ -299,8 +302,9 @@ class ExactMezo(ZOMethod):
 
     def __init__(self, settings: ZOSettings, scorer):
         super().__init__(settings, scorer)
-        self.weights = scorer.initial
-        self.base = {name: weight.clone() for name, weight in self.weights.items()}
+        # The scorer's working weights receive W +- eps z, so the fp32 master must be a separate
+        # tensor (in fp32 scoring, scorer.initial is the working weight itself).
+        self.weights = {name: weight.clone() for name, weight in scorer.initial.items()}
         self._z: list[dict[str, torch.Tensor]] = []
         self._scorer_holds_weights = True
 
@@ -352,8 +356,8 @@ class ExactMezo(ZOMethod):
             self.weights[name].copy_(tensors[f"{name}.weight"])
         self._scorer_holds_weights = False
 
-    def task_vector(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.weight": self.weights[name] - self.base[name] for name in self.names}
+    def task_vector(self, base_weight) -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": self.weights[name] - base_weight(f"{name}.weight").float() for name in self.names}
 
 
 class _Clock:
@@ -372,6 +376,8 @@ class _Clock:
 def build_method(settings: ZOSettings, scorer) -> ZOMethod:
     """Return the method object that `settings.method` names."""
     if settings.method == "mezo-lora":
+        # The LoRA factors are the whole trained state, so the fp32 base weights can go.
+        scorer.initial.clear()
         return MezoLora(settings, scorer)
     if settings.method in ("lozo", "lozo-m"):
         momentum = settings.momentum if settings.method == "lozo-m" else None

@@ -45,26 +45,49 @@ def write_output(output: Path, method, *, loaded, base_dir: Path, base_reference
     )
     from llmforge.models import adapter_digest, directory_model_digest
 
+    vector = method.task_vector(base_tensor_reader(base_dir))
     with atomic_directory(output, overwrite=overwrite) as directory:
         if method.settings.method == "mezo-lora":
             write_lora_adapter(directory, method, base_reference=base_reference)
             tuned = adapter_digest(directory, loaded.digest, None)
             inputs, digests = {"base": loaded.digest, "adapter": tuned}, {"adapter_digest": tuned}
         else:
-            write_merged_model(base_dir, method.task_vector(), directory, loaded.tokenizer)
+            write_merged_model(base_dir, vector, directory, loaded.tokenizer)
             tuned = directory_model_digest(directory, None)
             inputs, digests = {"base": loaded.digest, "tuned": tuned}, {"model_digest": tuned}
 
         key = CacheKey("task-vector", inputs, {})
         metadata = {"format": TASK_VECTOR_FORMAT, "format_version": TASK_VECTOR_FORMAT_VERSION,
                     "base_digest": loaded.digest, "tuned_digest": tuned, "method": method.settings.method}
-        cache.get_or_compute(key, method.task_vector, metadata=metadata)
+        cache.get_or_compute(key, lambda: vector, metadata=metadata)
         write_json(directory / RUN_RECORD_NAME, {**record, **digests, "task_vector_cache_key": key.as_dict()})
     return {**digests, "task_vector_cache_key": key.as_dict()}
 
 
-def check_trainable_base(loaded) -> None:
-    """Reject a PEFT adapter as the model: forge zo trains a base model or a LoRA on one."""
-    if loaded.is_adapter:
-        raise ForgeError(f"--model {loaded.reference} is a PEFT adapter; forge zo trains a whole model or a new "
-                         "LoRA on it. Write the merged model first (forge finetune ... --merge) and pass that")
+def base_tensor_reader(base_dir: Path):
+    """Return key -> tensor over the base model's safetensors files, reading one tensor per call."""
+    from safetensors import safe_open
+
+    locations = {}
+    for path in sorted(base_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            locations.update({key: path for key in handle.keys()})
+
+    def read(key: str):
+        if key not in locations:
+            raise ForgeError(f"the trained tensor {key} is not in the base weights in {base_dir}")
+        with safe_open(str(locations[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    return read
+
+
+def check_trainable_base(reference: str, cache) -> None:
+    """Reject a PEFT adapter as the model before any weight is loaded: forge zo trains a base model or a new LoRA on one."""
+    from llmforge.models import resolve
+
+    resolved = resolve(reference, cache=cache)
+    if resolved.is_adapter:
+        raise ForgeError(f"--model {reference} is a PEFT adapter, and forge zo trains a whole model or a new LoRA "
+                         f"on one. Pass its base model ({resolved.base.reference}), or merge the adapter into a "
+                         "model directory first (peft's merge_and_unload) and pass that")

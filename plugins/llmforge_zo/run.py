@@ -72,11 +72,10 @@ class ZORequest:
             raise ForgeError('--verbalizers needs --template, the prompt that ends in the cue, e.g. "{sentence} It was"')
         if self.single_token not in SINGLE_TOKEN_POLICIES:
             raise ForgeError(f"invalid --single-token {self.single_token!r}; use one of: {', '.join(SINGLE_TOKEN_POLICIES)}")
-        for flag, value in {"--max-length": self.max_length, "--eval-batch-size": self.eval_batch_size}.items():
-            if value < 2:
-                raise ForgeError(f"invalid {flag} {value}; it must be at least 2")
+        if self.max_length < 2:
+            raise ForgeError(f"invalid --max-length {self.max_length}; a prompt and a scored token need at least 2")
         for flag, value in {"--limit": self.limit, "--eval-limit": self.eval_limit, "--eval-every": self.eval_every,
-                            "--save-every": self.save_every}.items():
+                            "--save-every": self.save_every, "--eval-batch-size": self.eval_batch_size}.items():
             if value is not None and value <= 0:
                 raise ForgeError(f"invalid {flag} {value}; it must be a positive number")
         if self.eval_every is not None and self.eval_data is None:
@@ -84,7 +83,7 @@ class ZORequest:
         return settings
 
 
-def load_examples(spec: str, request: ZORequest, tokenizer, *, limit: int | None):
+def load_examples(spec: str, request: ZORequest, tokenizer, *, limit: int | None, warn: bool = True):
     """Read a data file into ClassificationData or CompletionData, as the request's objective needs."""
     from llmforge.data import read_records, resolve_data_path, to_examples, tokenize_examples
 
@@ -96,7 +95,8 @@ def load_examples(spec: str, request: ZORequest, tokenizer, *, limit: int | None
     if request.classifies:
         return classification_data(records, tokenizer, template=request.template,
                                    verbalizer=parse_verbalizers(request.verbalizers), label_field=request.label_field,
-                                   max_length=request.max_length, single_token=request.single_token)
+                                   max_length=request.max_length, single_token=request.single_token,
+                                   warn_options=warn)
     examples = to_examples(records, tokenizer, fmt=request.fmt, columns=request.columns,
                            prompt_template=request.prompt_template, completion_template=request.completion_template)
     locations = [records.where(index) for index in range(len(records))]
@@ -124,8 +124,11 @@ def evaluate(method, data, batch_size: int) -> dict[str, float]:
 
 
 def run_settings(request: ZORequest, settings: ZOSettings, model_digest: str, data_digest: str) -> dict[str, Any]:
-    """Return the settings that --resume must find unchanged (they decide the trained weights)."""
-    return {"model": model_digest, "data": data_digest, "method": settings.as_dict(),
+    """Return the settings that --resume must find unchanged (they decide the trained weights), by option name.
+
+    The model and the data are compared by content digest.
+    """
+    return {"model": model_digest, "data": data_digest, **settings.as_dict(),
             "template": request.template, "verbalizers": request.verbalizers, "label_field": request.label_field,
             "format": request.fmt, "columns": request.columns, "prompt_template": request.prompt_template,
             "completion_template": request.completion_template, "max_length": request.max_length,
@@ -144,6 +147,7 @@ def run_zo(request: ZORequest, *, command: list[str] | None = None, cache=None) 
     from llmforge_zo.backends import get_backend
     from llmforge_zo.checkpoints import History, PartialRun
     from llmforge_zo.engine import find_targets
+    from llmforge_zo.examples import batch_indices
     from llmforge_zo.methods import build_method
     from llmforge_zo.output import check_trainable_base, write_output
 
@@ -152,13 +156,14 @@ def run_zo(request: ZORequest, *, command: list[str] | None = None, cache=None) 
         check_output_directory(request.output, overwrite=request.overwrite)
     factory = get_backend(request.backend)
     cache = cache or Cache()
+    check_trainable_base(request.model, cache)
 
     loaded = load_model(request.model, dtype=torch.float32, cache=cache)
-    check_trainable_base(loaded)
     train = load_examples(request.data, request, loaded.tokenizer, limit=request.limit)
+    batch_indices(len(train), settings.batch_size, seed=settings.seed, step=0)  # rejects data smaller than a batch
     dev = None
     if request.eval_data is not None:
-        dev = load_examples(request.eval_data, request, loaded.tokenizer, limit=request.eval_limit)
+        dev = load_examples(request.eval_data, request, loaded.tokenizer, limit=request.eval_limit, warn=False)
 
     targets = find_targets(loaded.model, settings.target_modules)
     scorer = factory(loaded.model, targets, settings.torch_dtype, packing=request.packing)
@@ -187,8 +192,7 @@ def train_steps(method, train, dev, request: ZORequest, settings: ZOSettings, hi
     """Run steps `start`..settings.steps - 1 with evaluation and checkpoints; return the phase times."""
     from tqdm.auto import tqdm
 
-    from llmforge_zo.examples import batch_indices
-    from llmforge_zo.methods import NonFiniteLoss, PhaseTimes
+    from llmforge_zo.methods import PhaseTimes
 
     times = PhaseTimes()
     if dev is not None and start == 0:
@@ -198,6 +202,27 @@ def train_steps(method, train, dev, request: ZORequest, settings: ZOSettings, hi
     if dev is not None and start == 0:
         _note(bar, request, f"step 0 (zero-shot): {_describe(history.evaluations[-1])}")
     started = time.perf_counter()
+    try:
+        _step_loop(method, train, dev, request, settings, history, partial, start, times, bar)
+    except KeyboardInterrupt:
+        latest = partial.latest()
+        bar.close()
+        print(f"interrupted after step {len(history.losses)}; " + (
+            f"the state of step {int(latest.stem.split('-')[1])} is in {partial.directory}: rerun the same "
+            "command with --resume to continue" if latest else
+            "no state was saved, so the run starts over (pass --save-every N to make it resumable)"),
+            file=sys.stderr)
+        raise
+    bar.close()
+    times.wall, times.steps = time.perf_counter() - started, settings.steps - start
+    return times
+
+
+def _step_loop(method, train, dev, request: ZORequest, settings: ZOSettings, history, partial, start: int,
+               times, bar) -> None:
+    from llmforge_zo.examples import batch_indices
+    from llmforge_zo.methods import NonFiniteLoss
+
     for step in range(start, settings.steps):
         batch = train.batch(batch_indices(len(train), settings.batch_size, seed=settings.seed, step=step))
         try:
@@ -216,9 +241,6 @@ def train_steps(method, train, dev, request: ZORequest, settings: ZOSettings, hi
             partial.save(done, method.state_tensors(), history)
             if os.environ.get(KILL_AFTER_STEP_VARIABLE) == str(done):
                 os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
-    times.wall, times.steps = time.perf_counter() - started, settings.steps - start
-    return times
 
 
 def _note(bar, request: ZORequest, message: str) -> None:

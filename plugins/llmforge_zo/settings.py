@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -11,14 +12,19 @@ METHODS = ("mezo", "mezo-lora", "lozo", "lozo-m")
 PERTURBATIONS = ("exact", "factorised")
 DTYPES = ("bf16", "fp32")
 
-# Defaults per method. eps and lr are the usual settings of the MeZO and LoZO papers (constant lr).
+# Defaults per method. eps is the usual setting of the MeZO and LoZO papers. Their learning rates
+# (1e-4 for LoRA, 1e-6 for full weights) are tuned for runs of 20k steps on large models; on
+# SST-2 with smollm2-135m, 300 steps at those rates left dev accuracy at zero-shot, while
+# mezo-lora at 1e-3 and lozo at 1e-5 rose from 0.58 to 0.70 and 0.64 (benchmarks.md).
 # "rank" is the LoRA rank (mezo-lora), the rank of U V^T (lozo), or the factor rank of the
-# factorised stand-in for full-rank noise (mezo --perturbation factorised).
+# factorised stand-in for full-rank noise (mezo --perturbation factorised). Scoring runs in bf16:
+# on 12 SST-2 batches of smollm2-135m at eps 1e-3, the projected gradients (L+ - L-) / 2 eps of
+# bf16 scoring correlated 0.985 with those of fp32 scoring, for lozo and both mezo variants.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "mezo": {"eps": 1e-3, "lr": 1e-6, "rank": 64, "dtype": "fp32"},
-    "mezo-lora": {"eps": 1e-2, "lr": 1e-4, "rank": 8, "dtype": "bf16"},
-    "lozo": {"eps": 1e-3, "lr": 1e-6, "rank": 2, "dtype": "fp32"},
-    "lozo-m": {"eps": 1e-3, "lr": 1e-6, "rank": 2, "dtype": "fp32"},
+    "mezo": {"eps": 1e-3, "lr": 1e-6, "rank": 64, "dtype": "bf16"},
+    "mezo-lora": {"eps": 1e-2, "lr": 1e-3, "rank": 8, "dtype": "bf16"},
+    "lozo": {"eps": 1e-3, "lr": 1e-5, "rank": 2, "dtype": "bf16"},
+    "lozo-m": {"eps": 1e-3, "lr": 1e-5, "rank": 2, "dtype": "bf16"},
 }
 
 
@@ -58,15 +64,15 @@ class ZOSettings:
         positive = {"--eps": self.eps, "--lr": self.lr, "--steps": self.steps, "--batch-size": self.batch_size,
                     "--queries": self.queries, "--rank": self.rank, "--alpha": self.alpha, "--nu": self.nu}
         for flag, value in positive.items():
-            if not value > 0:
-                raise ForgeError(f"invalid {flag} {value}; it must be positive")
+            if not (value > 0 and math.isfinite(value)):
+                raise ForgeError(f"invalid {flag} {value}; it must be a positive finite number")
         for flag, value in {"--steps": self.steps, "--batch-size": self.batch_size, "--queries": self.queries,
                             "--rank": self.rank, "--nu": self.nu}.items():
             if int(value) != value:
                 raise ForgeError(f"invalid {flag} {value}; it must be a whole number")
-        if self.weight_decay < 0:
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ForgeError(f"invalid --weight-decay {self.weight_decay}; it must be zero or positive")
-        if not 0 <= self.momentum < 1:
+        if not 0 <= self.momentum < 1:  # also rejects NaN
             raise ForgeError(f"invalid --momentum {self.momentum}; it must be in [0, 1)")
         if self.perturbation not in PERTURBATIONS:
             raise ForgeError(f"invalid --perturbation {self.perturbation!r}; use one of: {', '.join(PERTURBATIONS)}")
@@ -82,4 +88,10 @@ class ZOSettings:
         return torch.bfloat16 if self.dtype == "bf16" else torch.float32
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Return the settings that the method uses, as a JSON-able dict (for run records and --resume)."""
+        used = asdict(self)
+        unused = {"mezo-lora": ("nu", "momentum", "perturbation"), "lozo": ("alpha", "momentum", "perturbation"),
+                  "lozo-m": ("alpha", "perturbation"), "mezo": ("alpha", "nu", "momentum")}[self.method]
+        if self.method == "mezo" and self.perturbation == "exact":
+            unused += ("rank",)
+        return {name: value for name, value in used.items() if name not in unused}
