@@ -8,9 +8,9 @@ logits per query. The engine scores all 2q states as adapters in one packed forw
 method's default scoring dtype or in --dtype.
 
 Printed per method: seconds per step of each path with the breakdown (noise and perturbation,
-forward, host sync, update), their ratio, the final probe losses of both, and the engine step
-divided by one bare forward of all its states' rows (no adapters), the floor of a two-point
-estimate. Goals: ratio >= 5 for MeZO and LoZO; engine step <= 1.2 x the bare forward.
+forward, host sync, update), their ratio, and the final probe losses of both. It also prints
+the engine step divided by one bare forward of all its states' rows without adapters, which is
+the floor of a two-point estimate. Goals: ratio >= 5 for MeZO and LoZO; engine step <= 1.2 x the bare forward.
 
     python benchmarks/bench_zo.py [--methods lozo,mezo-lora,mezo,mezo-exact] [--steps 10] [--json]
 """

@@ -181,3 +181,23 @@ def test_eval_every_needs_dev_data(tiny_model_dir, sst_like, tmp_path, forge_env
     assert result.returncode == 1
     assert "--eval-every needs --eval-data" in result.stderr
     assert os.listdir(tmp_path) == ["train.tsv"]
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(tiny_model_dir, sst_like, tmp_path, forge_env):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    process = subprocess.Popen([FORGE, "zo", "--model", str(tiny_model_dir), "--data", str(sst_like), *CLASSIFY,
+                                "--steps", "1000000", "--batch-size", "8", "--save-every", "5", "-o", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=forge_env)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out.partial").glob("state-*.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 130
+    assert "rerun the same command with --resume" in stderr
+    assert not out.exists()
+    assert list((tmp_path / "out.partial").glob("state-*.safetensors"))

@@ -3,8 +3,8 @@
 This is MeZO as its paper (Malladi et al., 2023) writes it. Perturb the trainable tensors in
 place by +eps z and run a forward. Move them by -2 eps z and run a second forward. Move them back
 by +eps z, and update with z regenerated from the step's seed a fourth time. It runs a plain fp32 Hugging Face model (a
-peft LoRA model for mezo-lora), computes full logits, and shares with the engine only the
-seeded noise streams, the LoRA initialisation and the loss read from logits; nothing of the
+peft LoRA model for mezo-lora) and computes full logits. It shares with the engine only the
+seeded noise streams, the LoRA initialisation and the loss read from logits, and none of the
 engine's states, folding or batching.
 """
 

@@ -4,7 +4,7 @@ A zeroth-order step is a pure function of (seed, step, state): its batch and its
 from the seed. So the trainable state (fp32 weights or LoRA factors, LoZO's accumulated update
 and momentum) plus the step number is all a resumed run needs to continue exactly where an
 uninterrupted one would be. Each save is one safetensors file written atomically, with the step
-and the history so far in its metadata; the older file is removed only after the new one is in
+and the history so far in its metadata. The older file is removed only after the new one is in
 place, so a kill at any moment leaves a loadable state.
 """
 

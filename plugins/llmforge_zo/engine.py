@@ -91,7 +91,7 @@ class TorchScorer:
         self.bin_tokens = bin_tokens
         modules = dict(model.named_modules())
         # In fp32 these are the layers' own weight tensors, so a method that updates them in
-        # place updates the scorer too; in bf16 the cast below gives the layers new tensors.
+        # place updates the scorer too. In bf16 the cast below gives the layers new tensors.
         self.initial = {name: modules[name].weight.detach().float() for name in targets}
 
         model.requires_grad_(False)

@@ -7,7 +7,7 @@ g_j = (L+_j - L-_j) / (2 eps) for each query and moves theta by -lr * (mean_j g_
 - `MezoLora` (mezo-lora): theta is a LoRA adapter (A, B) on every trained module, and the
   directions are Gaussian (dA, dB). Every probed state is itself a LoRA adapter.
 - `LowRankZO` (lozo, lozo-m, and mezo with --perturbation factorised): theta is the full weight
-  of every trained module; directions are U V^T with V held for `nu` steps. Within a window the
+  of every trained module, and the directions are U V^T with V held for `nu` steps. Within a window the
   accumulated update is (sum of -lr g U) V^T, so the trained weight stays base + acc V^T, a
   rank-r adapter, and is folded into the base weight only when V changes (or every step when
   weight decay is on, which scales the whole matrix).

@@ -10,7 +10,7 @@ Two objectives:
 - language modelling on completions (the `forge finetune` data formats): the loss is the mean
   negative log-likelihood of the completion tokens (`TOKENS` with `choices` = 1).
 
-A `ScoringBatch` holds the token rows of one batch. Scorers run those rows under several states
+A `ScoringBatch` contains the token rows of one batch. Scorers run those rows under several states
 at once, state-major (the first block of model rows is the batch under state 0, and so on), and
 hand the final hidden states to `state_losses`, which returns one loss per state.
 """

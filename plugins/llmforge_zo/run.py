@@ -205,13 +205,8 @@ def train_steps(method, train, dev, request: ZORequest, settings: ZOSettings, hi
     try:
         _step_loop(method, train, dev, request, settings, history, partial, start, times, bar)
     except KeyboardInterrupt:
-        latest = partial.latest()
         bar.close()
-        print(f"interrupted after step {len(history.losses)}; " + (
-            f"the state of step {int(latest.stem.split('-')[1])} is in {partial.directory}: rerun the same "
-            "command with --resume to continue" if latest else
-            "no state was saved, so the run starts over (pass --save-every N to make it resumable)"),
-            file=sys.stderr)
+        print(_interrupt_message(len(history.losses), partial), file=sys.stderr)
         raise
     bar.close()
     times.wall, times.steps = time.perf_counter() - started, settings.steps - start
@@ -241,6 +236,15 @@ def _step_loop(method, train, dev, request: ZORequest, settings: ZOSettings, his
             partial.save(done, method.state_tensors(), history)
             if os.environ.get(KILL_AFTER_STEP_VARIABLE) == str(done):
                 os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _interrupt_message(steps_done: int, partial) -> str:
+    latest = partial.latest()
+    if latest is None:
+        return (f"interrupted after step {steps_done}; no state was saved, so a rerun starts over "
+                "(pass --save-every N to make a run resumable)")
+    return (f"interrupted after step {steps_done}; the state of the last save is in {partial.directory}, "
+            "so rerun the same command with --resume to continue from it")
 
 
 def _note(bar, request: ZORequest, message: str) -> None:
