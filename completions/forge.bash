@@ -8,7 +8,7 @@ _forge_command() {
     _forge_subcommands=() _forge_options=() _forge_arguments=() _forge_variadic=0
     case "$1" in
         'forge')
-            _forge_subcommands=(cache completion eval finetune models plugins zo)
+            _forge_subcommands=(cache completion edit eval finetune models plugins zo)
             _forge_options=(--allow-pickle --debug --help --version -h)
             ;;
         'forge cache')
@@ -37,6 +37,27 @@ _forge_command() {
         'forge completion')
             _forge_options=(--help -h)
             _forge_arguments=(shell)
+            ;;
+        'forge edit')
+            _forge_subcommands=(diff merge sae)
+            _forge_options=(--help -h)
+            ;;
+        'forge edit diff')
+            _forge_options=(--base --help --json --output --overwrite --quiet --rank --tuned -h -o)
+            ;;
+        'forge edit merge')
+            _forge_options=(--base --help --json --lambda --layers --method --modules --no-normalize --normalize --output --overwrite --quiet --seed --vector -h -o)
+            ;;
+        'forge edit sae')
+            _forge_subcommands=(info train)
+            _forge_options=(--help -h)
+            ;;
+        'forge edit sae info')
+            _forge_options=(--help --json --model -h)
+            _forge_arguments=(directory)
+            ;;
+        'forge edit sae train')
+            _forge_options=(--batch-size --column --data --dead-tokens --dtype --epochs --expansion --format --help --json --k --keep-bos --layers --lr --max-length --model --output --overwrite --quiet --seed --skip-bos --steps --threads --tokens -h -o)
             ;;
         'forge eval')
             _forge_subcommands=(drift interpolate spectra)
@@ -72,6 +93,37 @@ _forge_option_nargs() {
         'forge cache gc|--unused-days') _forge_nargs=1 ;;
         'forge cache ls|--kind') _forge_nargs=1 ;;
         'forge cache rm|--kind') _forge_nargs=1 ;;
+        'forge edit diff|--base') _forge_nargs=1 ;;
+        'forge edit diff|--output'|'forge edit diff|-o') _forge_nargs=1 ;;
+        'forge edit diff|--rank') _forge_nargs=1 ;;
+        'forge edit diff|--tuned') _forge_nargs=1 ;;
+        'forge edit merge|--base') _forge_nargs=1 ;;
+        'forge edit merge|--lambda') _forge_nargs=1 ;;
+        'forge edit merge|--layers') _forge_nargs=1 ;;
+        'forge edit merge|--method') _forge_nargs=1 ;;
+        'forge edit merge|--modules') _forge_nargs=1 ;;
+        'forge edit merge|--output'|'forge edit merge|-o') _forge_nargs=1 ;;
+        'forge edit merge|--seed') _forge_nargs=1 ;;
+        'forge edit merge|--vector') _forge_nargs=1 ;;
+        'forge edit sae info|--model') _forge_nargs=1 ;;
+        'forge edit sae train|--batch-size') _forge_nargs=1 ;;
+        'forge edit sae train|--column') _forge_nargs=1 ;;
+        'forge edit sae train|--data') _forge_nargs=1 ;;
+        'forge edit sae train|--dead-tokens') _forge_nargs=1 ;;
+        'forge edit sae train|--dtype') _forge_nargs=1 ;;
+        'forge edit sae train|--epochs') _forge_nargs=1 ;;
+        'forge edit sae train|--expansion') _forge_nargs=1 ;;
+        'forge edit sae train|--format') _forge_nargs=1 ;;
+        'forge edit sae train|--k') _forge_nargs=1 ;;
+        'forge edit sae train|--layers') _forge_nargs=1 ;;
+        'forge edit sae train|--lr') _forge_nargs=1 ;;
+        'forge edit sae train|--max-length') _forge_nargs=1 ;;
+        'forge edit sae train|--model') _forge_nargs=1 ;;
+        'forge edit sae train|--output'|'forge edit sae train|-o') _forge_nargs=1 ;;
+        'forge edit sae train|--seed') _forge_nargs=1 ;;
+        'forge edit sae train|--steps') _forge_nargs=1 ;;
+        'forge edit sae train|--threads') _forge_nargs=1 ;;
+        'forge edit sae train|--tokens') _forge_nargs=1 ;;
         'forge eval|--baseline') _forge_nargs=1 ;;
         'forge eval|--batch-size') _forge_nargs=1 ;;
         'forge eval|--data-dir') _forge_nargs=1 ;;
@@ -196,6 +248,14 @@ _forge_option_nargs() {
 _forge_value() {
     case "$1|$2" in
         'forge completion|shell') _forge_words bash fish zsh ;;
+        'forge edit diff|--output'|'forge edit diff|-o') _forge_files ;;
+        'forge edit merge|--output'|'forge edit merge|-o') _forge_directories ;;
+        'forge edit sae info|--model') _forge_words gemma3-270m smollm2-135m; _forge_files ;;
+        'forge edit sae info|directory') _forge_files ;;
+        'forge edit sae train|--dtype') _forge_words bf16 fp32 ;;
+        'forge edit sae train|--format') _forge_words auto chat instruction prompt-completion text ;;
+        'forge edit sae train|--model') _forge_words gemma3-270m smollm2-135m; _forge_files ;;
+        'forge edit sae train|--output'|'forge edit sae train|-o') _forge_files ;;
         'forge eval|--data-dir') _forge_directories ;;
         'forge eval|--dtype') _forge_words bfloat16 float32 ;;
         'forge eval|--output'|'forge eval|-o') _forge_files ;;

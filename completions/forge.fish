@@ -6,9 +6,13 @@
 function __forge_subcommands
     switch $argv[1]
         case ''
-            printf '%s\n' cache completion eval finetune models plugins zo
+            printf '%s\n' cache completion edit eval finetune models plugins zo
         case 'cache'
             printf '%s\n' gc info ls rm verify
+        case 'edit'
+            printf '%s\n' diff merge sae
+        case 'edit sae'
+            printf '%s\n' info train
         case 'eval'
             printf '%s\n' drift interpolate spectra
     end
@@ -22,6 +26,68 @@ function __forge_option_nargs
         case 'cache ls|--kind'
             echo 1
         case 'cache rm|--kind'
+            echo 1
+        case 'edit diff|--base'
+            echo 1
+        case 'edit diff|--output' 'edit diff|-o'
+            echo 1
+        case 'edit diff|--rank'
+            echo 1
+        case 'edit diff|--tuned'
+            echo 1
+        case 'edit merge|--base'
+            echo 1
+        case 'edit merge|--lambda'
+            echo 1
+        case 'edit merge|--layers'
+            echo 1
+        case 'edit merge|--method'
+            echo 1
+        case 'edit merge|--modules'
+            echo 1
+        case 'edit merge|--output' 'edit merge|-o'
+            echo 1
+        case 'edit merge|--seed'
+            echo 1
+        case 'edit merge|--vector'
+            echo 1
+        case 'edit sae info|--model'
+            echo 1
+        case 'edit sae train|--batch-size'
+            echo 1
+        case 'edit sae train|--column'
+            echo 1
+        case 'edit sae train|--data'
+            echo 1
+        case 'edit sae train|--dead-tokens'
+            echo 1
+        case 'edit sae train|--dtype'
+            echo 1
+        case 'edit sae train|--epochs'
+            echo 1
+        case 'edit sae train|--expansion'
+            echo 1
+        case 'edit sae train|--format'
+            echo 1
+        case 'edit sae train|--k'
+            echo 1
+        case 'edit sae train|--layers'
+            echo 1
+        case 'edit sae train|--lr'
+            echo 1
+        case 'edit sae train|--max-length'
+            echo 1
+        case 'edit sae train|--model'
+            echo 1
+        case 'edit sae train|--output' 'edit sae train|-o'
+            echo 1
+        case 'edit sae train|--seed'
+            echo 1
+        case 'edit sae train|--steps'
+            echo 1
+        case 'edit sae train|--threads'
+            echo 1
+        case 'edit sae train|--tokens'
             echo 1
         case 'eval|--baseline'
             echo 1
@@ -287,6 +353,7 @@ complete -c forge -f
 # forge
 complete -c forge -n '__forge_at' -a 'cache' -d 'Manage the shared tensor cache ($FORGE_CACHE, else ~/.cache/llmforge on Linux)'
 complete -c forge -n '__forge_at' -a 'completion' -d 'Print the completion script for SHELL, built from the commands loaded now'
+complete -c forge -n '__forge_at' -a 'edit' -d 'Edit models with task vectors: compute them, merge them, and choose layers...'
 complete -c forge -n '__forge_at' -a 'eval' -d 'Evaluate models on target and general tasks and report scores, standard...'
 complete -c forge -n '__forge_at' -a 'finetune' -d 'Fine-tune a model with a PEFT method (or fully) on a data file and write the...'
 complete -c forge -n '__forge_at' -a 'models' -d 'List the built-in models, whether their package is installed, and whether a...'
@@ -334,6 +401,73 @@ complete -c forge -n '__forge_at cache verify' -l json -d 'Print a JSON document
 # forge completion
 complete -c forge -n '__forge_at completion' -l help -s h -d 'Show this message and exit'
 complete -c forge -n '__forge_at completion' -a 'bash fish zsh'
+
+# forge edit
+complete -c forge -n '__forge_at edit' -a 'diff' -d 'Write the task vector tuned minus base as a safetensors file'
+complete -c forge -n '__forge_at edit' -a 'merge' -d 'Merge task vectors into a base model and write the result as an HF model...'
+complete -c forge -n '__forge_at edit' -a 'sae' -d 'Train and inspect sparse autoencoders on the residual stream, stored in the...'
+complete -c forge -n '__forge_at edit' -l help -s h -d 'Show this message and exit'
+
+# forge edit diff
+complete -c forge -n '__forge_at edit diff' -l base -x -d 'Base model reference: a built-in name, HF directory or .gguf file'
+complete -c forge -n '__forge_at edit diff' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at edit diff' -l json -d 'Print the summary, with per-tensor energy, as one JSON document'
+complete -c forge -n '__forge_at edit diff' -l output -s o -r -F -d 'Task vector file to write (.safetensors)'
+complete -c forge -n '__forge_at edit diff' -l overwrite -d 'Replace an existing output file'
+complete -c forge -n '__forge_at edit diff' -l quiet -d 'No progress bars'
+complete -c forge -n '__forge_at edit diff' -l rank -x -d 'Store each 2-D update as its rank-R truncated SVD; 1-D updates stay dense'
+complete -c forge -n '__forge_at edit diff' -l tuned -x -d 'Fine-tuned model reference: an HF directory, .gguf file, built-in name or...'
+
+# forge edit merge
+complete -c forge -n '__forge_at edit merge' -l base -x -d 'Base model reference that the task vectors were computed against'
+complete -c forge -n '__forge_at edit merge' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at edit merge' -l json -d 'Print the run record as one JSON document on stdout'
+complete -c forge -n '__forge_at edit merge' -l lambda -x -d 'Factor applied to the combined update before it is added to the base'
+complete -c forge -n '__forge_at edit merge' -l layers -x -d 'Update only these decoder layers, e.g'
+complete -c forge -n '__forge_at edit merge' -l method -x -d 'Merge method: task_arithmetic, ties, dare_linear, dare_ties...'
+complete -c forge -n '__forge_at edit merge' -l modules -x -d 'Update only tensors of these modules, e.g'
+complete -c forge -n '__forge_at edit merge' -l no-normalize -l normalize -d 'Divide the combined update by the sum of the weights that took part'
+complete -c forge -n '__forge_at edit merge' -l output -s o -x -a '(__fish_complete_directories)' -d 'HF model directory to write, with forge_run.json'
+complete -c forge -n '__forge_at edit merge' -l overwrite -d 'Replace an existing output directory'
+complete -c forge -n '__forge_at edit merge' -l quiet -d 'No progress bars'
+complete -c forge -n '__forge_at edit merge' -l seed -x -d 'Seed of the random pruning of dare_linear and dare_ties'
+complete -c forge -n '__forge_at edit merge' -l vector -x -d 'A task vector file from `forge edit diff`, with its weight (default 1) and...'
+
+# forge edit sae
+complete -c forge -n '__forge_at edit sae' -a 'info' -d 'Print each SAE\'s layer, hook, sizes and recorded quality (explained...'
+complete -c forge -n '__forge_at edit sae' -a 'train' -d 'Train one TopK SAE per decoder layer on residual-stream activations...'
+complete -c forge -n '__forge_at edit sae' -l help -s h -d 'Show this message and exit'
+
+# forge edit sae info
+complete -c forge -n '__forge_at edit sae info' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at edit sae info' -l json -d 'Print one JSON document on stdout'
+complete -c forge -n '__forge_at edit sae info' -l model -r -F -a 'gemma3-270m smollm2-135m' -d 'Check that every SAE fits this model: d_in equals its hidden size and the...'
+complete -c forge -n '__forge_at edit sae info' -F
+
+# forge edit sae train
+complete -c forge -n '__forge_at edit sae train' -l batch-size -x -d 'Tokens per Adam step'
+complete -c forge -n '__forge_at edit sae train' -l column -x -d 'Read the format\'s FIELD from the record field NAME (repeatable)'
+complete -c forge -n '__forge_at edit sae train' -l data -x -d 'Text to collect activations on: a .jsonl/.json/.csv/.tsv/.txt file or demo:NAME'
+complete -c forge -n '__forge_at edit sae train' -l dead-tokens -x -d 'A feature that has not fired for this many training tokens is dead and gets...'
+complete -c forge -n '__forge_at edit sae train' -l dtype -x -a 'bf16 fp32' -d 'Dtype of the model forward and of the SAE encoder product; SAE weights and...'
+complete -c forge -n '__forge_at edit sae train' -l epochs -x -d 'Passes over the training tokens per layer'
+complete -c forge -n '__forge_at edit sae train' -l expansion -x -d 'Dictionary size as a multiple of the hidden size'
+complete -c forge -n '__forge_at edit sae train' -l format -x -a 'auto chat instruction prompt-completion text' -d 'Record format (as in forge finetune); each record\'s prompt and completion...'
+complete -c forge -n '__forge_at edit sae train' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at edit sae train' -l json -d 'Print the summary as one JSON document on stdout'
+complete -c forge -n '__forge_at edit sae train' -l k -x -d 'Features active per token (TopK)'
+complete -c forge -n '__forge_at edit sae train' -l keep-bos -l skip-bos -d 'Leave out the activation of a leading BOS token, whose norm is far above the...'
+complete -c forge -n '__forge_at edit sae train' -l layers -x -d 'Decoder layers: all, 0,4,8 or ranges such as 2-5'
+complete -c forge -n '__forge_at edit sae train' -l lr -x -d 'Adam learning rate'
+complete -c forge -n '__forge_at edit sae train' -l max-length -x -d 'Tokens per text; longer texts are cut'
+complete -c forge -n '__forge_at edit sae train' -l model -r -F -a 'gemma3-270m smollm2-135m' -d 'Model reference: a built-in name, HF directory, .gguf file or adapter'
+complete -c forge -n '__forge_at edit sae train' -l output -s o -r -F -d 'Directory to write: one blocks.L.hook_resid_post/ SAELens directory per...'
+complete -c forge -n '__forge_at edit sae train' -l overwrite -d 'Replace an existing output directory written by forge'
+complete -c forge -n '__forge_at edit sae train' -l quiet -d 'No progress bars'
+complete -c forge -n '__forge_at edit sae train' -l seed -x -d 'Seed of the held-out split, batch order and initialisation'
+complete -c forge -n '__forge_at edit sae train' -l steps -x -d 'Adam steps per layer; overrides --epochs'
+complete -c forge -n '__forge_at edit sae train' -l threads -x -d 'CPU threads for torch (default: one per core)'
+complete -c forge -n '__forge_at edit sae train' -l tokens -x -d 'Token budget: activations collected per layer (5% are held out for explained...'
 
 # forge eval
 complete -c forge -n '__forge_at eval' -a 'drift' -d 'Compare the activations of fine-tuned models with their base model, per...'

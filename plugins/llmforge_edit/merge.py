@@ -1,0 +1,447 @@
+"""Merge task vectors into a base model with mergekit's task-vector methods, one tensor at a time.
+
+For each base tensor, every vector i contributes its update tau_i (zero where the vector has no
+entry), a weight w_i and a density d_i. The method combines them into one update delta, and the
+merged tensor is base + lambda * delta, cast back to the base tensor's dtype. The built-in methods
+follow mergekit's generalized task arithmetic (mergekit/merge_methods/generalized_task_arithmetic.py):
+
+- task_arithmetic: delta = sum_i w_i tau_i.
+- magnitude_prune: keep the int(d_i * numel) entries of largest |tau_i| per tensor, then sum as above.
+- dare_linear: keep each entry with probability d_i and divide the kept ones by d_i (DARE's
+  rescale), then sum as above.
+- ties: magnitude pruning, then sign election: per entry the elected sign is the sign of
+  sum_i w_i tau_i (positive on a tie), and only the weighted entries with that sign are summed.
+- dare_ties: DARE's random pruning, then the same sign election.
+
+With normalization the sum is divided by the sum of the weights that took part: per entry for
+ties and dare_ties (the weights whose entry has the elected sign), per tensor for the others. As
+in mergekit, normalization is on by default for ties only.
+
+Plugins add methods through the `forge_merge_methods` hook. This module implements that hook for
+the built-in methods; see `task_arithmetic` for the callable's contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+from llmforge.checkpoint import RUN_RECORD_NAME, write_json
+from llmforge.errors import ForgeError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+# Pruning and sign election
+
+
+def magnitude_mask(delta: "torch.Tensor", density: float) -> "torch.Tensor":
+    """Return a boolean mask of the int(density * numel) entries of largest absolute value."""
+    import torch
+
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    keep = int(density * delta.numel())
+    mask = torch.zeros(delta.numel(), dtype=torch.bool)
+    if keep > 0:
+        mask[torch.topk(delta.abs().reshape(-1), keep, sorted=False).indices] = True
+    return mask.view(delta.shape)
+
+
+def dare_prune(delta: "torch.Tensor", density: float, generator: "torch.Generator") -> "torch.Tensor":
+    """Drop each entry with probability 1 - density and divide the kept entries by density (DARE)."""
+    import torch
+
+    if density >= 1:
+        return delta
+    keep = torch.rand(delta.shape, generator=generator) < density
+    return torch.where(keep, delta / density, torch.zeros_like(delta))
+
+
+def elected_sign_mask(weighted: "torch.Tensor") -> "torch.Tensor":
+    """Return, per vector and entry, whether the weighted entry has the elected sign.
+
+    `weighted` stacks w_i * tau_i along dimension 0. The elected sign of an entry is the sign of
+    the sum over vectors (+1 when the sum is zero), and zero entries never agree.
+    """
+    import torch
+
+    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
+    return weighted.sign() == elected
+
+
+def combine(deltas: Sequence["torch.Tensor"], weights: Sequence[float], *, elect_sign: bool,
+            normalize: bool) -> "torch.Tensor":
+    """Sum the weighted (already pruned) updates, with optional sign election and normalization."""
+    import torch
+
+    stacked = torch.stack(list(deltas))
+    weight = torch.tensor(list(weights), dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
+    weighted = stacked * weight
+    if not elect_sign:
+        total = weighted.sum(dim=0)
+        divisor = float(sum(weights))
+        return total / divisor if normalize and abs(divisor) >= 1e-8 else total
+
+    agree = elected_sign_mask(weighted)
+    total = (weighted * agree).sum(dim=0)
+    if not normalize:
+        return total
+    divisor = (weight * agree).sum(dim=0)
+    return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+# The built-in methods (the hook's callables)
+
+
+def task_arithmetic(deltas, *, weights, densities, generator, normalize=None):
+    """Return sum_i w_i * tau_i (divided by sum_i w_i when normalize is true).
+
+    The contract of every `forge_merge_methods` callable, which this function defines:
+
+    - `deltas`: one fp32 tensor per task vector, all of the base tensor's shape; a vector without
+      an entry for this tensor contributes zeros.
+    - `weights`, `densities`: the per-vector floats from `--vector PATH:weight=W,density=D`; a
+      density is in (0, 1] (default 1) and a weight is any finite number (default 1).
+    - `generator`: a `torch.Generator` seeded from `--seed` and the tensor name, for random pruning.
+      Draw all random numbers from it, so that a merge is reproducible.
+    - `normalize`: True, False, or None for the method's own default.
+
+    Return the combined update, fp32, of the same shape. The merge multiplies it by lambda and
+    adds it to the base tensor. A callable whose `uses_density` attribute is False makes the
+    merge reject densities other than 1.
+    """
+    return combine(deltas, weights, elect_sign=False, normalize=bool(normalize))
+
+
+def magnitude_prune(deltas, *, weights, densities, generator, normalize=None):
+    """Keep the largest-magnitude fraction `density` of each update, then sum as task_arithmetic does."""
+    pruned = [delta * magnitude_mask(delta, density) for delta, density in zip(deltas, densities)]
+    return combine(pruned, weights, elect_sign=False, normalize=bool(normalize))
+
+
+def dare_linear(deltas, *, weights, densities, generator, normalize=None):
+    """Prune each update at random with DARE's rescale, then sum as task_arithmetic does."""
+    pruned = [dare_prune(delta, density, generator) for delta, density in zip(deltas, densities)]
+    return combine(pruned, weights, elect_sign=False, normalize=bool(normalize))
+
+
+def ties(deltas, *, weights, densities, generator, normalize=None):
+    """TIES: magnitude pruning, sign election, and the sum of the agreeing entries (normalized by default)."""
+    pruned = [delta * magnitude_mask(delta, density) for delta, density in zip(deltas, densities)]
+    return combine(pruned, weights, elect_sign=True, normalize=True if normalize is None else normalize)
+
+
+def dare_ties(deltas, *, weights, densities, generator, normalize=None):
+    """DARE pruning with its rescale, then TIES sign election and the sum of the agreeing entries."""
+    pruned = [dare_prune(delta, density, generator) for delta, density in zip(deltas, densities)]
+    return combine(pruned, weights, elect_sign=True, normalize=bool(normalize))
+
+
+task_arithmetic.uses_density = False
+
+BUILTIN_MERGE_METHODS: dict[str, Callable] = {
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare_linear": dare_linear,
+    "dare_ties": dare_ties,
+    "magnitude_prune": magnitude_prune,
+}
+
+
+def available_merge_methods() -> dict[str, Callable]:
+    """Return every merge method from the `forge_merge_methods` hook. Plugins cannot replace a built-in name."""
+    from llmforge.plugins import get_plugin_manager
+
+    results = get_plugin_manager().hook.forge_merge_methods()
+
+    methods = dict(BUILTIN_MERGE_METHODS)
+    for result in results:
+        for name, method in (result or {}).items():
+            if name in BUILTIN_MERGE_METHODS and method is not BUILTIN_MERGE_METHODS[name]:
+                logger.warning("a plugin tried to replace the built-in merge method %r; the built-in is kept", name)
+                continue
+            if not callable(method):
+                logger.warning("a plugin registered merge method %r as a %s, not a callable; it is skipped",
+                               name, type(method).__name__)
+                continue
+            methods[name] = method
+    return methods
+
+
+def method_uses_density(method: Callable) -> bool:
+    """Tell whether a merge method reads the per-vector densities (the `uses_density` attribute, default True)."""
+    return bool(getattr(method, "uses_density", True))
+
+
+# Tensor selection and seeds
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_index(name: str) -> int | None:
+    """Return the decoder layer index of a parameter name: its first all-digit component ("model.layers.3..." -> 3)."""
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def parse_layers(text: str, layer_count: int) -> set[int]:
+    """Parse "0-5,9" into layer indices. Raise ForgeError for bad syntax or an index outside [0, layer_count)."""
+    layers: set[int] = set()
+    for part in (piece.strip() for piece in text.split(",")):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise ForgeError(f"invalid --layers item {part!r}; use indices and ranges such as 0-5,9")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if first > last:
+            raise ForgeError(f"invalid --layers range {part!r}: the start is after the end")
+        if last >= layer_count:
+            raise ForgeError(f"--layers {part!r} is out of range: the base model has {layer_count} decoder layers "
+                             f"(indices 0-{layer_count - 1})")
+        layers.update(range(first, last + 1))
+    return layers
+
+
+def parse_modules(text: str) -> set[str]:
+    """Parse "q_proj,v_proj" into module names. Raise ForgeError when the list is empty."""
+    modules = {piece.strip() for piece in text.split(",") if piece.strip()}
+    if not modules:
+        raise ForgeError(f"invalid --modules {text!r}; give module names such as q_proj,v_proj")
+    return modules
+
+
+def tensor_selected(name: str, layers: set[int] | None, modules: set[str] | None) -> bool:
+    """Tell whether the filters select a tensor: its layer is in `layers` and a name component is in `modules`."""
+    if layers is not None and layer_index(name) not in layers:
+        return False
+    if modules is not None and not modules.intersection(name.split(".")):
+        return False
+    return True
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Derive the random seed of one tensor from the merge seed and the tensor name.
+
+    A tensor's random draws therefore do not depend on which other tensors the filters select.
+    """
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class MergedUpdates(Mapping):
+    """The merged update lambda * delta of each selected tensor, computed when it is read.
+
+    `llmforge.checkpoint.write_merged_model` reads one entry at a time while it writes a shard, so
+    at most one tensor per vector is in memory besides the shard being written.
+    """
+
+    def __init__(self, names: Sequence[str], vectors: Sequence, weights: Sequence[float],
+                 densities: Sequence[float], method: Callable, *, scale: float, seed: int,
+                 normalize: bool | None, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self._names = list(names)
+        self._selected = set(names)
+        self._vectors = list(vectors)
+        self._weights, self._densities = list(weights), list(densities)
+        self._method, self._scale, self._seed, self._normalize = method, scale, seed, normalize
+        self._shapes = shapes
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._selected
+
+    def __getitem__(self, name: str) -> "torch.Tensor":
+        import torch
+
+        if name not in self._selected:
+            raise KeyError(name)
+        shape = self._shapes[name]
+        deltas = [vector.tensor(name) if name in vector else torch.zeros(shape) for vector in self._vectors]
+        generator = torch.Generator().manual_seed(tensor_seed(self._seed, name))
+        merged = self._method(deltas, weights=self._weights, densities=self._densities, generator=generator,
+                              normalize=self._normalize)
+        if not isinstance(merged, torch.Tensor) or tuple(merged.shape) != tuple(shape):
+            raise ForgeError(f"the merge method returned {getattr(merged, 'shape', type(merged).__name__)} for "
+                             f"tensor {name!r}, whose shape is {shape}; fix the merge method")
+        if not bool(torch.isfinite(merged).all()):
+            raise ForgeError(f"the merged update of tensor {name!r} has NaN or infinite values; check the vectors "
+                             "and weights")
+        return merged.to(torch.float32) * self._scale
+
+
+# The merge command's request and run
+
+
+@dataclass
+class VectorSpec:
+    """One `--vector PATH[:weight=W,density=D]` option."""
+
+    path: Path
+    weight: float = 1.0
+    density: float = 1.0
+
+
+def parse_vector_spec(text: str) -> VectorSpec:
+    """Parse PATH or PATH:weight=W,density=D. The options follow the last ':', and each is KEY=VALUE."""
+    path, separator, options = text.rpartition(":")
+    if not separator or "=" not in options:
+        path, options = text, ""
+    spec = VectorSpec(Path(path))
+
+    for option in (piece.strip() for piece in options.split(",") if piece.strip()):
+        key, equals, value = option.partition("=")
+        if not equals or key.strip() not in ("weight", "density"):
+            raise ForgeError(f"invalid --vector option {option!r} in {text!r}; use PATH:weight=W,density=D")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ForgeError(f"invalid {key.strip()} {value!r} in --vector {text!r}; give a number") from None
+        if not math.isfinite(number):
+            raise ForgeError(f"invalid {key.strip()} {value!r} in --vector {text!r}; give a finite number")
+        setattr(spec, key.strip(), number)
+
+    if not 0 < spec.density <= 1:
+        raise ForgeError(f"density {spec.density:g} of --vector {text!r} is outside (0, 1]; it is the fraction "
+                         "of entries to keep")
+    return spec
+
+
+@dataclass
+class MergeRequest:
+    """Everything `forge edit merge` needs; the command's options map onto these fields."""
+
+    base: str
+    vectors: list[VectorSpec]
+    output: Path
+    method: str = "task_arithmetic"
+    scale: float = 1.0  # --lambda
+    normalize: bool | None = None
+    seed: int = 0
+    layers: str | None = None
+    modules: str | None = None
+    overwrite: bool = False
+
+
+def _layer_count(base_dir: Path, names: Sequence[str]) -> int:
+    """Return num_hidden_layers from config.json (or its text_config), else 1 + the largest layer index."""
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    for section in (config, config.get("text_config") or {}):
+        if isinstance(section.get("num_hidden_layers"), int):
+            return section["num_hidden_layers"]
+    indices = [index for index in map(layer_index, names) if index is not None]
+    return max(indices) + 1 if indices else 0
+
+
+def _check_vector(vector, spec: VectorSpec, base_digest: str, base_reference: str, base) -> None:
+    """Raise ForgeError unless the vector was computed against this base and all its tensors fit it."""
+    if vector.base_digest != base_digest:
+        raise ForgeError(f"task vector {spec.path} was computed against base {str(vector.base_digest)[:19]}..., "
+                         f"not {base_reference} ({base_digest[:19]}...); pass its own base with --base")
+    for name in vector.names():
+        if name not in base:
+            raise ForgeError(f"task vector {spec.path} updates tensor {name!r}, which is not in the base "
+                             f"{base_reference}")
+        if vector.shape(name) != base.shape(name):
+            raise ForgeError(f"task vector {spec.path} has shape {vector.shape(name)} for tensor {name!r} but the "
+                             f"base has {base.shape(name)}")
+
+
+def _select_tensors(request: MergeRequest, base, base_dir: Path, vectors) -> list[str]:
+    """Return the base tensors to update: those some vector changes and the filters select."""
+    names = base.names()
+    layers = parse_layers(request.layers, _layer_count(base_dir, names)) if request.layers is not None else None
+    modules = parse_modules(request.modules) if request.modules is not None else None
+    for module in sorted(modules or ()):
+        if not any(module in name.split(".") for name in names):
+            raise ForgeError(f"--modules {module!r} matches no tensor of the base model; use module names such as "
+                             "q_proj or mlp")
+    updated = set().union(*(vector.names() for vector in vectors))
+    return [name for name in names if name in updated and tensor_selected(name, layers, modules)]
+
+
+def _complete_config(directory: Path) -> None:
+    """Add `architectures` to config.json when the base config lacks it, so that other tools can load the output."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("architectures"):
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    if architecture is None:
+        raise ForgeError(f"the base config has no architectures and model type {config.get('model_type')!r} is "
+                         "not a causal LM that transformers knows; add architectures to the base config.json")
+    config["architectures"] = [architecture]
+    write_json(path, config)
+
+
+def run_merge(request: MergeRequest, command: list[str] | None = None, cache=None) -> dict:
+    """Validate the request, write base + lambda * merged update as an HF model directory, and return the run record."""
+    from llmforge.cache import Cache
+    from llmforge.checkpoint import atomic_directory, file_digest, run_record, write_merged_model
+    from llmforge.models import directory_model_digest, load_tokenizer, model_digest, resolve, stored_reference
+
+    from llmforge_edit.vectors import TaskVectorFile, WeightFiles
+
+    cache = cache or Cache()
+    methods = available_merge_methods()
+    if request.method not in methods:
+        raise ForgeError(f"unknown merge method {request.method!r}; choose one of: {', '.join(sorted(methods))}")
+    method = methods[request.method]
+    if not request.vectors:
+        raise ForgeError("no task vectors given; pass at least one --vector PATH")
+    if not math.isfinite(request.scale):
+        raise ForgeError(f"invalid --lambda {request.scale}; give a finite number")
+    if not method_uses_density(method):
+        for spec in request.vectors:
+            if spec.density != 1:
+                raise ForgeError(f"{request.method} does not prune, so density {spec.density:g} of {spec.path} has "
+                                 "no effect; remove it or choose ties, dare_linear, dare_ties or magnitude_prune")
+
+    resolved = resolve(request.base, cache=cache)
+    if resolved.is_adapter:
+        raise ForgeError(f"the base {request.base} is a PEFT adapter; merge into a model, or write the adapter's "
+                         "task vector with `forge edit diff` and merge it into the adapter's base")
+    base_digest = model_digest(request.base, cache=cache)
+
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(WeightFiles(resolved.path))
+        vectors = [stack.enter_context(TaskVectorFile(spec.path)) for spec in request.vectors]
+        for vector, spec in zip(vectors, request.vectors):
+            _check_vector(vector, spec, base_digest, request.base, base)
+        names = _select_tensors(request, base, resolved.path, vectors)
+        updates = MergedUpdates(names, vectors, [spec.weight for spec in request.vectors],
+                                [spec.density for spec in request.vectors], method, scale=request.scale,
+                                seed=request.seed, normalize=request.normalize,
+                                shapes={name: base.shape(name) for name in names})
+        tokenizer = load_tokenizer(request.base, cache=cache)
+
+        with atomic_directory(request.output, overwrite=request.overwrite) as directory:
+            write_merged_model(resolved.path, updates, directory, tokenizer)
+            _complete_config(directory)
+            record = run_record(
+                command, base_reference=stored_reference(request.base), base_digest=base_digest,
+                method=request.method, normalize=request.normalize, seed=request.seed,
+                layers=request.layers, modules=request.modules, merged_tensors=len(names),
+                vectors=[{"path": str(spec.path.resolve()), "file_digest": file_digest(spec.path),
+                          "tuned_digest": vector.tuned_digest, "layout": vector.layout, "weight": spec.weight,
+                          "density": spec.density} for spec, vector in zip(request.vectors, vectors)],
+                model_digest=directory_model_digest(directory, None), **{"lambda": request.scale},
+            )
+            write_json(directory / RUN_RECORD_NAME, record)
+    return {**record, "output": str(request.output)}
