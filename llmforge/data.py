@@ -17,7 +17,7 @@ from llmforge.errors import ForgeError
 from llmforge.readers import READ_FORMATS, Records, read_records, resolve_data_path, where as _where
 
 __all__ = [
-    "READ_FORMATS", "Records", "read_records", "resolve_data_path", "Example", "to_examples",
+    "READ_FORMATS", "Records", "read_records", "resolve_data_path", "Example", "to_examples", "fill_template",
     "TokenizedExample", "TokenizeStats", "OVERLONG_POLICIES", "tokenize_examples", "Batch", "collate",
     "PackedBatch", "pack", "batch_order", "make_batches",
 ]
@@ -96,7 +96,8 @@ def to_examples(records: Sequence[Mapping[str, Any]], tokenizer=None, *, fmt: st
     for index, record in enumerate(mapped):
         where = _where(records, index)
         if prompt_template is not None:
-            example = Example(_fill(prompt_template, record, where), _fill(completion_template, record, where))
+            example = Example(fill_template(prompt_template, record, where),
+                              fill_template(completion_template, record, where))
         elif fmt == "text":
             example = Example("", _field(record, "text", where))
         elif fmt == "prompt-completion":
@@ -162,14 +163,15 @@ def _field(record: Mapping[str, Any], name: str, where: str) -> str:
     return str(value)
 
 
-def _fill(template: str, record: Mapping[str, Any], where: str) -> str:
+def fill_template(template: str, record: Mapping[str, Any], where: str, *, option: str = "template") -> str:
+    """Fill {field} placeholders from `record`; ForgeError names `where` (FILE:LINE) and the `option` that set it."""
     try:
         return template.format_map(record)
     except KeyError as error:
-        raise ForgeError(f"{where}: the template {template!r} names the missing field {error.args[0]!r}; "
+        raise ForgeError(f"{where}: the {option} {template!r} names the missing field {error.args[0]!r}; "
                          f"the record has: {', '.join(sorted(record)) or 'no fields'}") from error
     except (ValueError, IndexError) as error:
-        raise ForgeError(f"invalid template {template!r}: {error}; use {{field}} placeholders "
+        raise ForgeError(f"invalid {option} {template!r}: {error}; use {{field}} placeholders "
                          "and double braces for literal ones") from error
 
 

@@ -26,6 +26,12 @@ class Records(list):
         self.source = source
         self.lines = list(lines)
 
+    def head(self, count: int | None) -> "Records":
+        """Return the first `count` records (all when None), keeping FILE:LINE for each; a plain slice is a list."""
+        if count is None:
+            return self
+        return Records(self[:count], source=self.source, lines=self.lines[:count])
+
     def where(self, index: int) -> str:
         """Return "FILE:LINE" for record `index`, or "record N" where the line is unknown."""
         if self.source and index < len(self.lines):

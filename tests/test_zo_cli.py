@@ -31,7 +31,7 @@ def sst_like(tmp_path):
     return path
 
 
-def test_mezo_lora_writes_a_peft_adapter_that_scores_like_the_engine(tiny_model_dir, sst_like, tmp_path, forge_env):
+def test_mezo_lora_adapter_matches_engine_loss(tiny_model_dir, sst_like, tmp_path, forge_env):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -95,7 +95,7 @@ def test_completion_objective_trains_on_question_answer_data(tiny_model_dir, qa_
     assert summary["final"]["loss"] > 0
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, sst_like, tmp_path, forge_env):
+def test_killed_run_resumes_exactly(tiny_model_dir, sst_like, tmp_path, forge_env):
     common = ["--model", str(tiny_model_dir), "--data", str(sst_like), *CLASSIFY, "--method", "lozo-m", "--steps", "8",
               "--batch-size", "8", "--lr", "1e-2", "--nu", "3", "--save-every", "2"]
     run_zo(*common, "-o", str(tmp_path / "whole"), env=forge_env)
@@ -139,7 +139,7 @@ def test_resume_with_other_settings_is_rejected(tiny_model_dir, sst_like, tmp_pa
     (["--verbalizers", "0=terrible"], "names 1 label"),
     (["--verbalizers", "0=terrible,2=great"], "label '1' has no verbalizer word"),
     (["--single-token", "require", "--verbalizers", "0=terrible,1=zorblax"], "needs one token per word"),
-    (["--template", "{review} It was"], "uses the field 'review'"),
+    (["--template", "{review} It was"], "the --template '{review} It was' names the missing field 'review'"),
 ])
 def test_bad_input_exits_1_and_writes_nothing(tiny_model_dir, sst_like, tmp_path, forge_env, flags, message):
     out = tmp_path / "out"
@@ -183,7 +183,7 @@ def test_eval_every_needs_dev_data(tiny_model_dir, sst_like, tmp_path, forge_env
     assert os.listdir(tmp_path) == ["train.tsv"]
 
 
-def test_ctrl_c_exits_130_and_says_how_to_resume(tiny_model_dir, sst_like, tmp_path, forge_env):
+def test_ctrl_c_exits_130_with_resume_hint(tiny_model_dir, sst_like, tmp_path, forge_env):
     import signal
     import time
 

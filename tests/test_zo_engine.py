@@ -10,7 +10,7 @@ from llmforge_zo.engine import TorchScorer, find_targets
 from llmforge_zo.examples import batch_indices, classification_data, parse_verbalizers
 from llmforge_zo.methods import PhaseTimes, build_method
 from llmforge_zo.settings import ZOSettings
-from llmforge_zo.states import LowRankDelta, stack_states
+from llmforge_zo.states import LowRankDelta, StackedStates, stack_states
 from zo_reference import ReferenceLoop
 
 WORDS = ["good", "bad", "fine", "dull", "bright", "slow", "warm", "cold", "fast", "odd"]
@@ -103,29 +103,18 @@ def test_states_of_one_forward_score_like_separate_forwards(tiny_model_dir):
     assert together.unique().numel() == 3
 
 
-def test_multi_token_options_score_like_the_single_token_path_when_words_are_one_token(tiny_model_dir):
+def test_option_rows_match_single_token_scoring(tiny_model_dir):
     model, tokenizer = load_tiny(tiny_model_dir)
     scorer = TorchScorer(model, find_targets(model), torch.float32)
-    single = toy_data(tokenizer)
-    multi = toy_data(tokenizer)
-    multi.option_tokens = [tokens + [] for tokens in multi.option_tokens]
-    batch_single = single.batch(range(8))
-
-    from llmforge_zo.examples import _token_batch
-    from llmforge.data import IGNORE_INDEX, TokenizedExample
-
-    rows = [TokenizedExample(multi.prompts[i] + option, [IGNORE_INDEX] * len(multi.prompts[i]) + option)
-            for i in range(8) for option in multi.option_tokens]
-    batch_multi = _token_batch(rows, multi.pad_id)
-    batch_multi.choices, batch_multi.labels = 2, batch_single.labels
-
-    from llmforge_zo.states import StackedStates
+    data = toy_data(tokenizer)
+    single_token_batch = data.batch(range(8))
+    option_rows_batch = data.option_rows_batch(range(8))
 
     # Over the options only, single-token log-probs differ from full-vocabulary sums by a
     # per-example constant, which the cross-entropy over options removes.
-    a = scorer.score(StackedStates(1), batch_single).losses
-    b = scorer.score(StackedStates(1), batch_multi).losses
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    single_token_losses = scorer.score(StackedStates(1), single_token_batch).losses
+    option_rows_losses = scorer.score(StackedStates(1), option_rows_batch).losses
+    torch.testing.assert_close(single_token_losses, option_rows_losses, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bin_tokens", [48, 512])

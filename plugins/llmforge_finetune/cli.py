@@ -9,12 +9,12 @@ from pathlib import Path
 import click
 
 from llmforge.cli import parse_columns, unescape_template
+from llmforge.data import EXAMPLE_FORMATS
 
 from llmforge_finetune.methods import METHODS, MethodSettings, get_method
 from llmforge_finetune.run import FinetuneRequest
 from llmforge_finetune.train import TrainSettings
 
-FORMATS = ["auto", "text", "prompt-completion", "instruction", "chat"]
 
 
 def print_methods(as_json: bool) -> None:
@@ -53,7 +53,7 @@ def print_plan(plan: dict) -> None:
 @click.option("--data", help="Training data: a .jsonl/.json/.csv/.tsv/.txt file, or demo:NAME (not needed for --dry-run).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Directory to write: a PEFT adapter, or an HF model for --method full; plus forge_run.json.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(EXAMPLE_FORMATS), default="auto", show_default=True,
               help="Record format; auto detects it from the field names.")
 @click.option("--prompt-template", callback=unescape_template,
               help='Prompt built from record fields, e.g. "Question: {question}\\nAnswer:" (\\n and \\t are unescaped).')

@@ -241,14 +241,11 @@ def resume_settings(request: FinetuneRequest, spec: MethodSpec, plan: dict, sett
 
 def _read_tokenized(spec_or_path: str, request: FinetuneRequest, tokenizer, *, limit: int | None = None):
     """Read, format and tokenize a data file; return (path, record count, tokenized examples, stats)."""
-    from llmforge.data import Records, TokenizeStats, read_records, resolve_data_path, to_examples, tokenize_examples
+    from llmforge.data import TokenizeStats, read_records, resolve_data_path, to_examples, tokenize_examples
     from llmforge.readers import where
 
     path = resolve_data_path(spec_or_path)
-    records = read_records(path)
-    if limit is not None:
-        # A plain slice would be a list and lose the FILE:LINE of each record.
-        records = Records(records[:limit], source=records.source, lines=records.lines[:limit])
+    records = read_records(path).head(limit)
     examples = to_examples(records, tokenizer, fmt=request.fmt, columns=request.columns,
                            prompt_template=request.prompt_template, completion_template=request.completion_template)
     stats = TokenizeStats()

@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from llmforge.cli import parse_columns, print_json, silence_progress_bars, unescape_template
+from llmforge.data import EXAMPLE_FORMATS
 
-METHOD_CHOICES = ["mezo", "mezo-lora", "lozo", "lozo-m"]
-FORMATS = ["auto", "text", "prompt-completion", "instruction", "chat"]
+from llmforge_zo.settings import METHODS
+
 
 
 def _print_summary(summary: dict) -> None:
@@ -30,7 +31,7 @@ def _print_summary(summary: dict) -> None:
 @click.option("--data", required=True, help="Training data: a .jsonl/.json/.csv/.tsv/.txt file, or demo:NAME.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Directory to write: a PEFT adapter (mezo-lora) or an HF model, plus forge_run.json.")
-@click.option("--method", type=click.Choice(METHOD_CHOICES), default="lozo", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default="lozo", show_default=True,
               help="mezo: full-parameter SPSA; mezo-lora: SPSA on LoRA factors; lozo: low-rank U V^T "
                    "perturbations of full weights; lozo-m: lozo with momentum.")
 @click.option("--template", callback=unescape_template,
@@ -40,7 +41,7 @@ def _print_summary(summary: dict) -> None:
 @click.option("--label-field", default="label", show_default=True, help="Record field holding the label.")
 @click.option("--single-token", type=click.Choice(["auto", "require"]), default="auto", show_default=True,
               help="auto scores multi-token words one row per option; require rejects them.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(EXAMPLE_FORMATS), default="auto", show_default=True,
               help="Record format of the LM objective (as in forge finetune).")
 @click.option("--prompt-template", callback=unescape_template, help="LM objective: prompt built from record fields.")
 @click.option("--completion-template", callback=unescape_template,

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from llmforge.data import IGNORE_INDEX, TokenizedExample, collate
+from llmforge.data import IGNORE_INDEX, TokenizedExample, collate, fill_template
 from llmforge.errors import ForgeError
 from llmforge.readers import where
 
@@ -37,10 +37,10 @@ def parse_verbalizers(text: str) -> Verbalizer:
         words.append(word.strip())
     if len(labels) < 2:
         raise ForgeError(f"--verbalizers {text!r} names {len(labels)} label; classification needs at least two")
-    for values, what in ((labels, "label"), (words, "word")):
+    for values, kind in ((labels, "label"), (words, "word")):
         repeated = sorted({value for value in values if values.count(value) > 1})
         if repeated:
-            raise ForgeError(f"--verbalizers {text!r} repeats the {what} {repeated[0]!r}; each must appear once")
+            raise ForgeError(f"--verbalizers {text!r} repeats the {kind} {repeated[0]!r}; each must appear once")
     return Verbalizer(tuple(labels), tuple(words))
 
 
@@ -62,21 +62,27 @@ class ClassificationData:
 
     def batch(self, indices: Sequence[int]) -> ScoringBatch:
         """Return the batch of `indices`: one row per prompt (single-token options) or per option."""
-        labels = torch.tensor([self.labels[i] for i in indices])
-        if self.single_token:
-            rows = [TokenizedExample(self.prompts[i], [IGNORE_INDEX] * len(self.prompts[i])) for i in indices]
-            padded = collate(rows, self.pad_id)
-            positions = torch.tensor([len(self.prompts[i]) - 1 for i in indices])
-            option_ids = torch.tensor([tokens[0] for tokens in self.option_tokens])
-            return ScoringBatch(OPTIONS, padded.input_ids, padded.attention_mask, labels=labels,
-                                positions=positions, option_ids=option_ids)
+        if not self.single_token:
+            return self.option_rows_batch(indices)
 
+        rows = [TokenizedExample(self.prompts[i], [IGNORE_INDEX] * len(self.prompts[i])) for i in indices]
+        padded = collate(rows, self.pad_id)
+        positions = torch.tensor([len(self.prompts[i]) - 1 for i in indices])
+        option_ids = torch.tensor([tokens[0] for tokens in self.option_tokens])
+        return ScoringBatch(OPTIONS, padded.input_ids, padded.attention_mask, labels=self.label_tensor(indices),
+                            positions=positions, option_ids=option_ids)
+
+    def option_rows_batch(self, indices: Sequence[int]) -> ScoringBatch:
+        """Return the batch with one row per (example, option), each option scored by its tokens' log-probabilities."""
         rows = [TokenizedExample(self.prompts[i] + option, [IGNORE_INDEX] * len(self.prompts[i]) + option)
                 for i in indices for option in self.option_tokens]
         batch = _token_batch(rows, self.pad_id)
         batch.choices = len(self.option_tokens)
-        batch.labels = labels
+        batch.labels = self.label_tensor(indices)
         return batch
+
+    def label_tensor(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([self.labels[i] for i in indices])
 
 
 @dataclass
@@ -128,7 +134,7 @@ def classification_data(records: Sequence[Mapping], tokenizer, *, template: str,
 
     prompts, labels, cut = [], [], 0
     for index, record in enumerate(records):
-        prompt = _fill_template(template, record, where(records, index))
+        prompt = fill_template(template, record, where(records, index), option="--template")
         label = _label_index(record, label_field, verbalizer, where(records, index))
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         limit = max_length - max(len(tokens) for tokens in option_tokens)
@@ -160,17 +166,6 @@ def _check_options(verbalizer: Verbalizer, option_tokens: list[list[int]], singl
     if warn:
         logger.warning("the verbalizer word %s takes more than one token, so each option is scored as its own "
                        "row: %d times the rows of one-token words", " and ".join(long_words), len(option_tokens))
-
-
-def _fill_template(template: str, record: Mapping, location: str) -> str:
-    try:
-        return template.format_map(record)
-    except KeyError as error:
-        raise ForgeError(f"{location}: --template uses the field {error.args[0]!r}, which the record lacks; "
-                         f"its fields are {', '.join(map(str, record))}") from None
-    except (ValueError, IndexError) as error:
-        raise ForgeError(f"invalid --template {template!r}: {error}; use {{field}} placeholders "
-                         "and write a literal brace as {{ or }}") from None
 
 
 def _label_index(record: Mapping, label_field: str, verbalizer: Verbalizer, location: str) -> int:

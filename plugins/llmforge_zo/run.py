@@ -89,9 +89,7 @@ def load_examples(spec: str, request: ZORequest, tokenizer, *, limit: int | None
 
     from llmforge_zo.examples import CompletionData, classification_data, pad_id_of, parse_verbalizers
 
-    records = read_records(resolve_data_path(spec))
-    if limit is not None:
-        records = type(records)(records[:limit], source=records.source, lines=records.lines[:limit])
+    records = read_records(resolve_data_path(spec)).head(limit)
     if request.classifies:
         return classification_data(records, tokenizer, template=request.template,
                                    verbalizer=parse_verbalizers(request.verbalizers), label_field=request.label_field,
@@ -106,19 +104,19 @@ def load_examples(spec: str, request: ZORequest, tokenizer, *, limit: int | None
 
 def evaluate(method, data, batch_size: int) -> dict[str, float]:
     """Score the trained point on a dev set: accuracy and loss (classification) or loss (completions)."""
-    from llmforge_zo.objective import OPTIONS
-
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, correct, count, classifies = 0.0, 0, 0, False
     for start in range(0, len(data), batch_size):
         indices = list(range(start, min(start + batch_size, len(data))))
         batch = data.batch(indices)
         scores = method.scorer.score(method.current(), batch)
         total_loss += scores.losses.item() * len(indices)
-        if batch.kind == OPTIONS or batch.choices > 1:
+        if batch.classifies:
+            classifies = True
             correct += int(scores.correct(batch.labels)[0])
         count += len(indices)
+
     result = {"loss": total_loss / count, "examples": count}
-    if hasattr(data, "labels"):
+    if classifies:
         result["accuracy"] = correct / count
     return result
 
