@@ -352,6 +352,47 @@ def load_task_vector(path: str | os.PathLike) -> tuple[dict[str, "torch.Tensor"]
     return load_tensors(path), metadata
 
 
+class WeightFiles:
+    """The safetensors files of an HF model directory, open for reading one tensor at a time."""
+
+    def __init__(self, directory: Path) -> None:
+        from safetensors import safe_open
+
+        self.directory = directory
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[str, Any] = {}
+        for path in sorted(directory.glob("*.safetensors")):
+            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            for name in handle.keys():
+                self._handles[name] = handle
+        if not self._handles:
+            raise ForgeError(f"{directory} has no safetensors weights; forge reads model weights from safetensors files only")
+
+    def __enter__(self) -> "WeightFiles":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stack.close()
+
+    def names(self) -> list[str]:
+        return sorted(self._handles)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._handles
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[name].get_slice(name).get_shape())
+
+    def is_floating(self, name: str) -> bool:
+        return self._handles[name].get_slice(name).get_dtype() in {"F16", "BF16", "F32", "F64"}
+
+    def tensor(self, name: str) -> "torch.Tensor":
+        """Read tensor `name`; ForgeError names the directory when the weights lack it."""
+        if name not in self._handles:
+            raise ForgeError(f"tensor {name} is not in the weights in {self.directory}")
+        return self._handles[name].get_tensor(name)
+
+
 def write_merged_model(base_dir: Path, vector, directory: Path, tokenizer) -> None:
     """Write base weights plus the task vector as an HF model directory in `directory` (created if missing).
 

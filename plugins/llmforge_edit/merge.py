@@ -396,7 +396,9 @@ def run_merge(request: MergeRequest, command: list[str] | None = None, cache=Non
     from llmforge.checkpoint import atomic_directory, file_digest, run_record, write_merged_model
     from llmforge.models import directory_model_digest, load_tokenizer, model_digest, resolve, stored_reference
 
-    from llmforge_edit.vectors import TaskVectorFile, WeightFiles
+    from llmforge.checkpoint import WeightFiles
+
+    from llmforge_edit.vectors import TaskVectorFile
 
     cache = cache or Cache()
     methods = available_merge_methods()

@@ -19,7 +19,6 @@ tensor at a time, which is how `forge edit merge` consumes vectors.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from llmforge.cache import Cache, CacheKey
 from llmforge.checkpoint import (
+    WeightFiles,
     TASK_VECTOR_FORMAT,
     TASK_VECTOR_FORMAT_VERSION,
     atomic_write,
@@ -66,44 +66,6 @@ class VectorSource:
         """The inputs of the task-vector cache key, as `forge finetune` writes them."""
         tuned_role = "adapter" if self.is_adapter else "tuned"
         return {"base": self.base_digest, tuned_role: self.tuned_digest}
-
-
-class WeightFiles:
-    """The safetensors files of an HF model directory, open for reading one tensor at a time."""
-
-    def __init__(self, directory: Path) -> None:
-        from safetensors import safe_open
-
-        self.directory = directory
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[str, Any] = {}
-        for path in sorted(directory.glob("*.safetensors")):
-            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
-            for name in handle.keys():
-                self._handles[name] = handle
-        if not self._handles:
-            raise ForgeError(f"{directory} has no safetensors weights; task vectors are read from safetensors files only")
-
-    def __enter__(self) -> "WeightFiles":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stack.close()
-
-    def names(self) -> list[str]:
-        return sorted(self._handles)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._handles
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[name].get_slice(name).get_shape())
-
-    def is_floating(self, name: str) -> bool:
-        return self._handles[name].get_slice(name).get_dtype() in {"F16", "BF16", "F32", "F64"}
-
-    def tensor(self, name: str) -> "torch.Tensor":
-        return self._handles[name].get_tensor(name)
 
 
 # Resolving the pair

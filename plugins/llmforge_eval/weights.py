@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from llmforge.cache import Cache, CacheKey
+from llmforge.checkpoint import WeightFiles
 from llmforge.errors import ForgeError
 
 if TYPE_CHECKING:
@@ -138,28 +139,6 @@ def resolve_update(tuned: str, base: str | None = None, *, cache: Cache | None =
 # Reading weights
 
 
-def _tensor_files(directory: Path) -> dict[str, Path]:
-    """Map every tensor name in a model directory's safetensors files to its file."""
-    from safetensors import safe_open
-
-    locations = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                locations[key] = path
-    if not locations:
-        raise ForgeError(f"{directory} has no safetensors weights; weight diagnostics read safetensors files only")
-    return locations
-
-
-def _read_tensor(locations: dict[str, Path], name: str) -> "torch.Tensor":
-    import torch
-    from safetensors import safe_open
-
-    with safe_open(str(locations[name]), framework="pt") as handle:
-        return handle.get_tensor(name).to(torch.float32)
-
-
 def linear_weight_names(model_dir: Path) -> set[str]:
     """Return the weight names of the linear layers of a model directory's architecture.
 
@@ -200,23 +179,22 @@ def _update(name: str, base: "torch.Tensor", delta: "torch.Tensor", source: Upda
 
 def _directory_updates(source: UpdateSource) -> Iterator[WeightUpdate]:
     """Yield tuned minus base for each linear weight of two model directories, one tensor at a time."""
-    tuned_files = _tensor_files(source.tuned_path)
-    base_files = _tensor_files(source.base_path)
-    linear = linear_weight_names(source.tuned_path)
-    names = [name for name in tuned_files if name in linear]
-    if not names:
-        raise ForgeError(f"no linear-layer weights of the architecture were found in {source.tuned_path}")
+    with WeightFiles(source.tuned_path) as tuned_files, WeightFiles(source.base_path) as base_files:
+        linear = linear_weight_names(source.tuned_path)
+        names = [name for name in tuned_files.names() if name in linear]
+        if not names:
+            raise ForgeError(f"no linear-layer weights of the architecture were found in {source.tuned_path}")
 
-    for name in _sorted_names(names):
-        if name not in base_files:
-            raise ForgeError(f"{name} of {source.tuned_reference} is not in the base {source.base_reference}; "
-                             "pass the model it was fine-tuned from with --base")
-        base = _read_tensor(base_files, name)
-        tuned = _read_tensor(tuned_files, name)
-        _check_shape(name, base, tuned, source)
-        update = _update(name, base, tuned - base, source)
-        if update is not None:
-            yield update
+        for name in _sorted_names(names):
+            if name not in base_files:
+                raise ForgeError(f"{name} of {source.tuned_reference} is not in the base {source.base_reference}; "
+                                 "pass the model it was fine-tuned from with --base")
+            base = base_files.tensor(name).float()
+            tuned = tuned_files.tensor(name).float()
+            _check_shape(name, base, tuned, source)
+            update = _update(name, base, tuned - base, source)
+            if update is not None:
+                yield update
 
 
 def merged_adapter_deltas(source: UpdateSource, cache: Cache) -> dict[str, "torch.Tensor"]:
@@ -267,14 +245,14 @@ def _adapter_method(directory: Path) -> str:
 
 def _adapter_updates(source: UpdateSource, cache: Cache) -> Iterator[WeightUpdate]:
     vector = adapter_task_vector(source, cache)
-    base_files = _tensor_files(source.base_path)
-    for name in _sorted_names(vector):
-        if name not in base_files:
-            raise ForgeError(f"the adapter {source.tuned_path} updates {name}, which is not in the base "
-                             f"{source.base_reference}; pass the adapter's own base with --base")
-        update = _update(name, _read_tensor(base_files, name), vector[name].float(), source)
-        if update is not None:
-            yield update
+    with WeightFiles(source.base_path) as base_files:
+        for name in _sorted_names(vector):
+            if name not in base_files:
+                raise ForgeError(f"the adapter {source.tuned_path} updates {name}, which is not in the base "
+                                 f"{source.base_reference}; pass the adapter's own base with --base")
+            update = _update(name, base_files.tensor(name).float(), vector[name].float(), source)
+            if update is not None:
+                yield update
 
 
 def weight_updates(tuned: str, base: str | None = None, *, cache: Cache | None = None) -> Iterator[WeightUpdate]:

@@ -33,21 +33,15 @@ def full_task_vector(model, base_dir: Path) -> dict[str, Any]:
     model is never loaded twice. A tied parameter appears once, under its first name.
     """
     import torch
-    from safetensors import safe_open
 
-    locations = {}
-    for path in sorted(base_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                locations[key] = path
+    from llmforge.checkpoint import WeightFiles
 
     vector = {}
-    for name, parameter in model.named_parameters():
-        if name not in locations:
-            raise ForgeError(f"parameter {name} of the fine-tuned model is not in the base weights in {base_dir}")
-        with safe_open(str(locations[name]), framework="pt") as handle:
-            base = handle.get_tensor(name).to(torch.float32)
-        vector[name] = parameter.detach().to(torch.float32) - base
+    with WeightFiles(base_dir) as base:
+        for name, parameter in model.named_parameters():
+            if name not in base:
+                raise ForgeError(f"parameter {name} of the fine-tuned model is not in the base weights in {base_dir}")
+            vector[name] = parameter.detach().to(torch.float32) - base.tensor(name).to(torch.float32)
     return vector
 
 

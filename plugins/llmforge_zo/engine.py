@@ -70,8 +70,8 @@ def find_targets(model, target_modules: str = ALL_LINEAR) -> list[str]:
     if target_modules == ALL_LINEAR:
         chosen = linear
     else:
-        wanted = {part.strip() for part in target_modules.split(",") if part.strip()}
-        chosen = [name for name in linear if name.rsplit(".", 1)[-1] in wanted]
+        requested = {part.strip() for part in target_modules.split(",") if part.strip()}
+        chosen = [name for name in linear if name.rsplit(".", 1)[-1] in requested]
     if not chosen:
         kinds = sorted({name.rsplit(".", 1)[-1] for name in linear})
         raise ForgeError(f"--target-modules {target_modules!r} matches no linear module of the model; "

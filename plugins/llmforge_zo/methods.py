@@ -7,10 +7,10 @@ g_j = (L+_j - L-_j) / (2 eps) for each query and moves theta by -lr * (mean_j g_
 - `MezoLora` (mezo-lora): theta is a LoRA adapter (A, B) on every trained module, and the
   directions are Gaussian (dA, dB). Every probed state is itself a LoRA adapter.
 - `LowRankZO` (lozo, lozo-m, and mezo with --perturbation factorised): theta is the full weight
-  of every trained module, and the directions are U V^T with V held for `nu` steps. Within a window the
-  accumulated update is (sum of -lr g U) V^T, so the trained weight stays base + acc V^T, a
-  rank-r adapter, and is folded into the base weight only when V changes (or every step when
-  weight decay is on, which scales the whole matrix).
+  of every trained module, and the directions are U V^T with V held for `nu` steps. Within a
+  window the accumulated update is (sum of -lr g U) V^T, so the trained weight stays
+  base + acc V^T, a rank-r adapter. It is folded into the base weight when V changes, or every
+  step when weight decay is on, because decay scales the whole matrix.
 - `ExactMezo` (mezo with --perturbation exact): Gaussian directions of full shape, applied by
   writing W +- eps z into the scorer's weights between two single-state forwards.
 
@@ -20,6 +20,7 @@ Trainable state is fp32 whatever the scoring dtype.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,8 +64,8 @@ class ZOMethod:
     def __init__(self, settings: ZOSettings, scorer):
         self.settings = settings
         self.scorer = scorer
-        self.names = sorted(scorer.shapes())
         self.shapes = scorer.shapes()
+        self.names = sorted(self.shapes)
 
     def probe(self, step: int) -> StackedStates:
         """Return the 2q states of `step`, ordered +q0, -q0, +q1, -q1, ..."""
@@ -362,13 +363,10 @@ class ExactMezo(ZOMethod):
 
 class _Clock:
     def __init__(self):
-        import time
-
-        self._now = time.perf_counter
-        self._last = self._now()
+        self._last = time.perf_counter()
 
     def lap(self) -> float:
-        now = self._now()
+        now = time.perf_counter()
         elapsed, self._last = now - self._last, now
         return elapsed
 

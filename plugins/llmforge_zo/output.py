@@ -39,13 +39,15 @@ def write_output(output: Path, method, *, loaded, base_dir: Path, base_reference
         RUN_RECORD_NAME,
         TASK_VECTOR_FORMAT,
         TASK_VECTOR_FORMAT_VERSION,
+        WeightFiles,
         atomic_directory,
         write_json,
         write_merged_model,
     )
     from llmforge.models import adapter_digest, directory_model_digest
 
-    vector = method.task_vector(base_tensor_reader(base_dir))
+    with WeightFiles(base_dir) as base:
+        vector = method.task_vector(base.tensor)
     with atomic_directory(output, overwrite=overwrite) as directory:
         if method.settings.method == "mezo-lora":
             write_lora_adapter(directory, method, base_reference=base_reference)
@@ -62,24 +64,6 @@ def write_output(output: Path, method, *, loaded, base_dir: Path, base_reference
         cache.get_or_compute(key, lambda: vector, metadata=metadata)
         write_json(directory / RUN_RECORD_NAME, {**record, **digests, "task_vector_cache_key": key.as_dict()})
     return {**digests, "task_vector_cache_key": key.as_dict()}
-
-
-def base_tensor_reader(base_dir: Path):
-    """Return key -> tensor over the base model's safetensors files, reading one tensor per call."""
-    from safetensors import safe_open
-
-    locations = {}
-    for path in sorted(base_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            locations.update({key: path for key in handle.keys()})
-
-    def read(key: str):
-        if key not in locations:
-            raise ForgeError(f"the trained tensor {key} is not in the base weights in {base_dir}")
-        with safe_open(str(locations[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
-
-    return read
 
 
 def check_trainable_base(reference: str, cache) -> None:

@@ -16,7 +16,7 @@ import torch
 
 # Bins stay short because the block-diagonal mask makes attention cost grow with the square of a bin.
 # NOTE: the 4-D mask replaces a model's own pattern, so a sliding window (Gemma 3) is not applied
-# inside a bin; that changes results only for examples longer than the window.
+# inside a bin. That changes results only for examples longer than the window.
 DEFAULT_BIN_TOKENS = 512
 
 
