@@ -44,6 +44,7 @@ bench: $(BIN)/forge
 	$(BIN)/python benchmarks/bench_zo.py
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bench_eval_lm_eval.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_edit_merge.py
 
 completions: $(BIN)/forge
 	$(BIN)/python -m llmforge.completion completions

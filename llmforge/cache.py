@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from llmforge.checkpoint import atomic_write, file_digest, load_tensors, save_tensors, write_json
+from llmforge.checkpoint import file_digest, load_tensors, save_tensors, write_json
 from llmforge.errors import ForgeError
 
 if TYPE_CHECKING:
@@ -222,6 +222,16 @@ class Cache:
         produce = lambda path: save_tensors(path, compute(), dict(metadata or {}))  # noqa: E731
         record = self._get_or_create(key, "tensors", produce, metadata)
         return load_tensors(self.blob_path(record))
+
+    def get_or_write_tensors(self, key: CacheKey, write: Callable[[Path], None],
+                             metadata: Mapping[str, str] | None = None) -> Path:
+        """Return the safetensors blob under ``key``; if absent, ``write`` streams it to the given path once.
+
+        For producers too large to hold in memory: ``write`` writes a complete safetensors file
+        itself, and the cache only hashes and publishes it.
+        """
+        record = self._get_or_create(key, "tensors", write, metadata)
+        return self.blob_path(record)
 
     def get_or_compute_json(self, key: CacheKey, compute: Callable[[], Any]) -> Any:
         """Return the JSON document cached under ``key``, computing and storing it once if absent."""

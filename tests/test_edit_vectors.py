@@ -313,7 +313,7 @@ def full_vector(tiny_model_dir, tuned_models, tmp_path, forge_env) -> Path:
     (["--method", "dare_ties", "--vector-options", ":density=1.5"], "density 1.5 of --vector"),
     (["--method", "slerp"], "unknown merge method 'slerp'"),
     (["--vector-options", ":density=0.5"], "task_arithmetic does not prune"),
-    (["--layers", "0-2"], "--layers '0-2' is out of range"),
+    (["--layers", "0-2"], "layer 2 in --layers is out of range"),
     (["--modules", "qproj"], "--modules 'qproj' matches no tensor"),
     (["--lambda", "inf"], "invalid --lambda inf"),
 ])

@@ -1,4 +1,4 @@
-"""Merge task vectors into a base model with mergekit's task-vector methods, one tensor at a time.
+"""Merge task vectors into a base model with mergekit's task-vector methods, one tensor or block of rows at a time.
 
 For each base tensor, every vector i contributes its update tau_i (zero where the vector has no
 entry), a weight w_i and a density d_i. The method combines them into one update delta, and the
@@ -29,17 +29,35 @@ import json
 import logging
 import math
 import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from llmforge.checkpoint import RUN_RECORD_NAME, write_json
 from llmforge.errors import ForgeError
+from llmforge_edit.activations import parse_layers
+from llmforge_edit.tensor_files import (
+    ModelWeights,
+    SafetensorsFile,
+    SafetensorsWriter,
+    as_torch,
+    row_blocks,
+    tensor_buffer,
+)
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+
+# Files of the base directory that the merged model directory gets unchanged, besides the weights.
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+# The files of a fast tokenizer as transformers saves them. tokenizer.json is the tokenizer itself.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+CHAT_TEMPLATES_DIRECTORY = "additional_chat_templates"
 
 
 # Pruning and sign election
@@ -85,14 +103,18 @@ def combine(deltas: Sequence["torch.Tensor"], weights: Sequence[float], *, elect
     """Sum the weighted (already pruned) updates, with optional sign election and normalization."""
     import torch
 
+    if not elect_sign:
+        # Accumulate in place, because stacking would keep two more copies of every update.
+        total = deltas[0] * weights[0]
+        for delta, weight in zip(deltas[1:], weights[1:]):
+            total.add_(delta if weight == 1 else delta * weight)
+        divisor = float(sum(weights))
+        return total.div_(divisor) if normalize and abs(divisor) >= 1e-8 else total
+
     stacked = torch.stack(list(deltas))
     weight = torch.tensor(list(weights), dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
     weighted = stacked * weight
-    if not elect_sign:
-        total = weighted.sum(dim=0)
-        divisor = float(sum(weights))
-        return total / divisor if normalize and abs(divisor) >= 1e-8 else total
-
+    del stacked
     agree = elected_sign_mask(weighted)
     total = (weighted * agree).sum(dim=0)
     if not normalize:
@@ -117,9 +139,12 @@ def task_arithmetic(deltas, *, weights, densities, generator, normalize=None):
       Draw all random numbers from it, so that a merge is reproducible.
     - `normalize`: True, False, or None for the method's own default.
 
-    Return the combined update, fp32, of the same shape. The merge multiplies it by lambda and
-    adds it to the base tensor. A callable whose `uses_density` attribute is False makes the
-    merge reject densities other than 1.
+    Return the combined update, fp32, of the same shape. The merge multiplies it by lambda, in
+    place, and adds it to the base tensor. A callable whose `uses_density` attribute is False makes
+    the merge reject densities other than 1. A callable whose `elementwise` attribute is True is
+    called on blocks of rows (dimension 0) of each tensor, one block after another with the same
+    generator. Set it only when each output entry depends on the same entry of each input and on
+    nothing else, random draws included.
     """
     return combine(deltas, weights, elect_sign=False, normalize=bool(normalize))
 
@@ -149,6 +174,7 @@ def dare_ties(deltas, *, weights, densities, generator, normalize=None):
 
 
 task_arithmetic.uses_density = False
+task_arithmetic.elementwise = True
 
 BUILTIN_MERGE_METHODS: dict[str, Callable] = {
     "task_arithmetic": task_arithmetic,
@@ -184,6 +210,11 @@ def method_uses_density(method: Callable) -> bool:
     return bool(getattr(method, "uses_density", True))
 
 
+def method_is_elementwise(method: Callable) -> bool:
+    """Tell whether a merge method may get blocks of rows instead of whole tensors (the `elementwise` attribute, default False)."""
+    return getattr(method, "elementwise", False) is True
+
+
 # Tensor selection and seeds
 
 
@@ -194,23 +225,6 @@ def layer_index(name: str) -> int | None:
     """Return the decoder layer index of a parameter name: its first all-digit component ("model.layers.3..." -> 3)."""
     match = _LAYER_INDEX.search(name)
     return int(match.group(1)) if match else None
-
-
-def parse_layers(text: str, layer_count: int) -> set[int]:
-    """Parse "0-5,9" into layer indices. Raise ForgeError for bad syntax or an index outside [0, layer_count)."""
-    layers: set[int] = set()
-    for part in (piece.strip() for piece in text.split(",")):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not match:
-            raise ForgeError(f"invalid --layers item {part!r}; use indices and ranges such as 0-5,9")
-        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-        if first > last:
-            raise ForgeError(f"invalid --layers range {part!r}: the start is after the end")
-        if last >= layer_count:
-            raise ForgeError(f"--layers {part!r} is out of range: the base model has {layer_count} decoder layers "
-                             f"(indices 0-{layer_count - 1})")
-        layers.update(range(first, last + 1))
-    return layers
 
 
 def parse_modules(text: str) -> set[str]:
@@ -239,49 +253,92 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-class MergedUpdates(Mapping):
-    """The merged update lambda * delta of each selected tensor, computed when it is read.
+@dataclass
+class MergePlan:
+    """How to compute the merged update of each selected tensor: the vectors, their options and the method."""
 
-    `llmforge.checkpoint.write_merged_model` reads one entry at a time while it writes a shard, so
-    at most one tensor per vector is in memory besides the shard being written.
-    """
+    vectors: Sequence
+    weights: Sequence[float]
+    densities: Sequence[float]
+    method: Callable
+    scale: float
+    seed: int
+    normalize: bool | None
+    block_elements: int | None = None  # None: tensor_files.BLOCK_ELEMENTS
 
-    def __init__(self, names: Sequence[str], vectors: Sequence, weights: Sequence[float],
-                 densities: Sequence[float], method: Callable, *, scale: float, seed: int,
-                 normalize: bool | None, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        self._names = list(names)
-        self._selected = set(names)
-        self._vectors = list(vectors)
-        self._weights, self._densities = list(weights), list(densities)
-        self._method, self._scale, self._seed, self._normalize = method, scale, seed, normalize
-        self._shapes = shapes
+    def update_blocks(self, name: str, shape: tuple[int, ...]) -> Iterator[tuple[int, int, "torch.Tensor"]]:
+        """Yield (start, stop, lambda * update of rows [start, stop)) of one tensor.
 
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __contains__(self, name) -> bool:
-        return name in self._selected
-
-    def __getitem__(self, name: str) -> "torch.Tensor":
+        An elementwise method gets blocks of rows, so a large tensor such as the token embedding
+        is never in memory whole. Any other method gets the whole tensor at once.
+        """
         import torch
 
-        if name not in self._selected:
-            raise KeyError(name)
-        shape = self._shapes[name]
-        deltas = [vector.tensor(name) if name in vector else torch.zeros(shape) for vector in self._vectors]
-        generator = torch.Generator().manual_seed(tensor_seed(self._seed, name))
-        merged = self._method(deltas, weights=self._weights, densities=self._densities, generator=generator,
-                              normalize=self._normalize)
-        if not isinstance(merged, torch.Tensor) or tuple(merged.shape) != tuple(shape):
-            raise ForgeError(f"the merge method returned {getattr(merged, 'shape', type(merged).__name__)} for "
-                             f"tensor {name!r}, whose shape is {shape}; fix the merge method")
-        if not bool(torch.isfinite(merged).all()):
-            raise ForgeError(f"the merged update of tensor {name!r} has NaN or infinite values; check the vectors "
-                             "and weights")
-        return merged.to(torch.float32) * self._scale
+        generator = torch.Generator().manual_seed(tensor_seed(self.seed, name))
+        if method_is_elementwise(self.method):
+            blocks = row_blocks(shape, self.block_elements)
+        else:
+            blocks = iter([(0, shape[0] if shape else 1)])
+
+        for start, stop in blocks:
+            block_shape = (stop - start, *shape[1:]) if shape else ()
+            deltas = [vector.rows(name, start, stop) if name in vector else torch.zeros(block_shape)
+                      for vector in self.vectors]
+            merged = self.method(deltas, weights=self.weights, densities=self.densities, generator=generator,
+                                 normalize=self.normalize)
+            del deltas
+            if not isinstance(merged, torch.Tensor) or tuple(merged.shape) != block_shape:
+                raise ForgeError(f"the merge method returned {getattr(merged, 'shape', type(merged).__name__)} for "
+                                 f"tensor {name!r} (rows {start} to {stop - 1}), whose shape is {block_shape}; fix "
+                                 "the merge method")
+            # A finite sum proves every entry finite, and costs less than the elementwise test.
+            if not math.isfinite(float(merged.sum())) and not bool(torch.isfinite(merged).all()):
+                raise ForgeError(f"the merged update of tensor {name!r} has NaN or infinite values; check the vectors "
+                                 "and weights")
+            merged = merged.to(torch.float32)
+            yield start, stop, merged.mul_(self.scale) if self.scale != 1 else merged
+
+
+def write_merged_weights(base_dir: Path, directory: Path, selected: set[str], plan: MergePlan) -> None:
+    """Write each base safetensors file to `directory` with base + lambda * update for the selected tensors.
+
+    A file is written front to back from its header, one tensor or block of rows at a time.
+    Tensors outside `selected` are copied byte for byte. Merged tensors keep the base dtype.
+    """
+    import torch
+
+    for path in sorted(base_dir.glob("*.safetensors")):
+        with SafetensorsFile(path) as base, open(directory / path.name, "wb") as handle:
+            names = sorted(base.names(), key=lambda name: base.byte_range(name)[0])
+            writer = SafetensorsWriter(handle, [(name, base.dtype(name), base.shape(name)) for name in names],
+                                       {"format": "pt"})
+            for name in names:
+                if name not in selected:
+                    writer.copy_from(base, name)
+                    continue
+                for start, stop, update in plan.update_blocks(name, base.shape(name)):
+                    rows = as_torch(base.read(name, start, stop), base.dtype(name))
+                    merged = rows.to(torch.float32).add_(update).to(rows.dtype)
+                    writer.write(tensor_buffer(merged))
+            writer.finish()
+
+
+def copy_tokenizer(base_dir: Path, directory: Path, reference: str, cache) -> None:
+    """Copy the base's tokenizer files; without a tokenizer.json, load the tokenizer and save it instead.
+
+    A fast tokenizer is complete in tokenizer.json plus the small files beside it, so copying them
+    avoids importing transformers. Either way the output's tokenizer is the base's.
+    """
+    if not (base_dir / "tokenizer.json").is_file():
+        from llmforge.models import load_tokenizer
+
+        load_tokenizer(reference, cache=cache).save_pretrained(str(directory))
+        return
+    for name in TOKENIZER_FILES:
+        if (base_dir / name).is_file():
+            shutil.copyfile(base_dir / name, directory / name)
+    if (base_dir / CHAT_TEMPLATES_DIRECTORY).is_dir():
+        shutil.copytree(base_dir / CHAT_TEMPLATES_DIRECTORY, directory / CHAT_TEMPLATES_DIRECTORY)
 
 
 # The merge command's request and run
@@ -364,7 +421,7 @@ def _check_vector(vector, spec: VectorSpec, base_digest: str, base_reference: st
 def _select_tensors(request: MergeRequest, base, base_dir: Path, vectors) -> list[str]:
     """Return the base tensors to update: those some vector changes and the filters select."""
     names = base.names()
-    layers = parse_layers(request.layers, _layer_count(base_dir, names)) if request.layers is not None else None
+    layers = set(parse_layers(request.layers, _layer_count(base_dir, names))) if request.layers is not None else None
     modules = parse_modules(request.modules) if request.modules is not None else None
     for module in sorted(modules or ()):
         if not any(module in name.split(".") for name in names):
@@ -390,17 +447,8 @@ def _complete_config(directory: Path) -> None:
     write_json(path, config)
 
 
-def run_merge(request: MergeRequest, command: list[str] | None = None, cache=None) -> dict:
-    """Validate the request, write base + lambda * merged update as an HF model directory, and return the run record."""
-    from llmforge.cache import Cache
-    from llmforge.checkpoint import atomic_directory, file_digest, run_record, write_merged_model
-    from llmforge.models import directory_model_digest, load_tokenizer, model_digest, resolve, stored_reference
-
-    from llmforge.checkpoint import WeightFiles
-
-    from llmforge_edit.vectors import TaskVectorFile
-
-    cache = cache or Cache()
+def _merge_method(request: MergeRequest) -> Callable:
+    """Return the requested merge method after checking the options that do not need the files."""
     methods = available_merge_methods()
     if request.method not in methods:
         raise ForgeError(f"unknown merge method {request.method!r}; choose one of: {', '.join(sorted(methods))}")
@@ -414,7 +462,23 @@ def run_merge(request: MergeRequest, command: list[str] | None = None, cache=Non
             if spec.density != 1:
                 raise ForgeError(f"{request.method} does not prune, so density {spec.density:g} of {spec.path} has "
                                  "no effect; remove it or choose ties, dare_linear, dare_ties or magnitude_prune")
+    return method
 
+
+def run_merge(request: MergeRequest, command: list[str] | None = None, cache=None) -> dict:
+    """Validate the request, write base + lambda * merged update as an HF model directory, and return the run record.
+
+    Peak memory is a few blocks of rows for elementwise methods such as task_arithmetic, and
+    about the vectors' updates of the largest tensor plus the method's own copies for the others.
+    """
+    from llmforge.cache import Cache
+    from llmforge.checkpoint import atomic_directory, run_record
+    from llmforge.models import cached_file_digest, directory_model_digest, model_digest, resolve, stored_reference
+
+    from llmforge_edit.vectors import TaskVectorFile
+
+    cache = cache or Cache()
+    method = _merge_method(request)
     resolved = resolve(request.base, cache=cache)
     if resolved.is_adapter:
         raise ForgeError(f"the base {request.base} is a PEFT adapter; merge into a model, or write the adapter's "
@@ -422,27 +486,33 @@ def run_merge(request: MergeRequest, command: list[str] | None = None, cache=Non
     base_digest = model_digest(request.base, cache=cache)
 
     with contextlib.ExitStack() as stack:
-        base = stack.enter_context(WeightFiles(resolved.path))
+        base = stack.enter_context(ModelWeights(resolved.path))
         vectors = [stack.enter_context(TaskVectorFile(spec.path)) for spec in request.vectors]
         for vector, spec in zip(vectors, request.vectors):
             _check_vector(vector, spec, base_digest, request.base, base)
         names = _select_tensors(request, base, resolved.path, vectors)
-        updates = MergedUpdates(names, vectors, [spec.weight for spec in request.vectors],
-                                [spec.density for spec in request.vectors], method, scale=request.scale,
-                                seed=request.seed, normalize=request.normalize,
-                                shapes={name: base.shape(name) for name in names})
-        tokenizer = load_tokenizer(request.base, cache=cache)
+        # The vectors' file digests (a SHA-256 pass over each file unless cached) are computed on
+        # another thread while this one merges. hashlib releases the GIL while it hashes large buffers.
+        hashing = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        vector_digests = hashing.submit(lambda: [cached_file_digest(spec.path, cache) for spec in request.vectors])
+        plan = MergePlan(vectors, [spec.weight for spec in request.vectors], [spec.density for spec in request.vectors],
+                         method, scale=request.scale, seed=request.seed, normalize=request.normalize)
 
         with atomic_directory(request.output, overwrite=request.overwrite) as directory:
-            write_merged_model(resolved.path, updates, directory, tokenizer)
+            for name in MODEL_FILES:
+                if (resolved.path / name).is_file():
+                    shutil.copyfile(resolved.path / name, directory / name)
+            write_merged_weights(resolved.path, directory, set(names), plan)
+            copy_tokenizer(resolved.path, directory, request.base, cache)
             _complete_config(directory)
             record = run_record(
                 command, base_reference=stored_reference(request.base), base_digest=base_digest,
                 method=request.method, normalize=request.normalize, seed=request.seed,
                 layers=request.layers, modules=request.modules, merged_tensors=len(names),
-                vectors=[{"path": str(spec.path.resolve()), "file_digest": file_digest(spec.path),
+                vectors=[{"path": str(spec.path.resolve()), "file_digest": digest,
                           "tuned_digest": vector.tuned_digest, "layout": vector.layout, "weight": spec.weight,
-                          "density": spec.density} for spec, vector in zip(request.vectors, vectors)],
+                          "density": spec.density}
+                         for spec, vector, digest in zip(request.vectors, vectors, vector_digests.result())],
                 model_digest=directory_model_digest(directory, None), **{"lambda": request.scale},
             )
             write_json(directory / RUN_RECORD_NAME, record)

@@ -13,8 +13,8 @@ A task vector file is a safetensors file with the metadata of `llmforge.checkpoi
   would be exact), stay dense under their own name. The metadata adds `rank` and
   `retained_energy`, a JSON object with the overall and per-tensor ratio ||tau_r||^2 / ||tau||^2.
 
-A file without a `layout` field is dense. `TaskVectorFile` reads either layout one dense fp32
-tensor at a time, which is how `forge edit merge` consumes vectors.
+A file without a `layout` field is dense. `TaskVectorFile` reads either layout as dense fp32
+updates, one tensor or block of rows at a time, which is how `forge edit merge` consumes vectors.
 """
 
 from __future__ import annotations
@@ -31,10 +31,20 @@ from llmforge.checkpoint import (
     TASK_VECTOR_FORMAT,
     TASK_VECTOR_FORMAT_VERSION,
     atomic_write,
+    load_tensors,
     read_metadata,
     save_task_vector,
 )
 from llmforge.errors import ForgeError
+from llmforge_edit.tensor_files import (
+    ModelWeights,
+    SafetensorsFile,
+    SafetensorsWriter,
+    as_float32,
+    as_torch,
+    element_count,
+    row_blocks,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -110,21 +120,20 @@ def _model_type(directory: Path) -> str | None:
 # Dense task vectors
 
 
-def model_pair_delta(source: VectorSource) -> dict[str, "torch.Tensor"]:
-    """Return tuned minus base in fp32 for every floating-point tensor of two model directories.
+def write_model_pair_delta(source: VectorSource, path: Path, metadata: dict[str, str]) -> None:
+    """Write tuned minus base in fp32 for every floating-point tensor of two model directories to `path`.
 
-    Tensors are read one at a time. Different architectures, tensor names or shapes raise
-    ForgeError naming the first tensor that differs. Integer tensors (such as position ids) are skipped.
+    Each tensor is read, subtracted and written in blocks of rows, so memory stays at a few blocks
+    whatever the model size, and torch is not imported. Different architectures, tensor names or
+    shapes raise ForgeError naming the first tensor that differs. Integer tensors (such as position
+    ids) are skipped.
     """
-    import torch
-
     base_type, tuned_type = _model_type(source.base_dir), _model_type(source.tuned_dir)
     if base_type and tuned_type and base_type != tuned_type:
         raise ForgeError(f"{source.tuned_reference} is a {tuned_type} model but the base {source.base_reference} "
                          f"is a {base_type} model; a task vector needs two checkpoints of one architecture")
 
-    vector = {}
-    with WeightFiles(source.base_dir) as base, WeightFiles(source.tuned_dir) as tuned:
+    with ModelWeights(source.base_dir) as base, ModelWeights(source.tuned_dir) as tuned:
         differing = sorted(set(base.names()) ^ set(tuned.names()))
         if differing:
             owner = source.base_reference if differing[0] in base else source.tuned_reference
@@ -134,9 +143,15 @@ def model_pair_delta(source: VectorSource) -> dict[str, "torch.Tensor"]:
             if base.shape(name) != tuned.shape(name):
                 raise ForgeError(f"tensor {name!r} has shape {base.shape(name)} in the base {source.base_reference} "
                                  f"but {tuned.shape(name)} in {source.tuned_reference}")
-            if base.is_floating(name):
-                vector[name] = tuned.tensor(name).to(torch.float32) - base.tensor(name).to(torch.float32)
-    return vector
+        names = [name for name in base.names() if base.is_floating(name)]
+
+        with open(path, "wb") as handle:
+            writer = SafetensorsWriter(handle, [(name, "F32", base.shape(name)) for name in names], metadata)
+            for name in names:
+                for start, stop in row_blocks(base.shape(name)):
+                    tuned_rows = as_float32(tuned.read(name, start, stop), tuned.dtype(name))
+                    writer.write(tuned_rows - as_float32(base.read(name, start, stop), base.dtype(name)))
+            writer.finish()
 
 
 def _plain_lora_config(config: dict[str, Any]) -> bool:
@@ -239,13 +254,32 @@ def adapter_delta(source: VectorSource, cache: Cache) -> dict[str, "torch.Tensor
     return vector
 
 
-def dense_task_vector(source: VectorSource, cache: Cache) -> dict[str, "torch.Tensor"]:
-    """Return the dense task vector, computed once and stored under the shared task-vector cache key."""
-    compute = (lambda: adapter_delta(source, cache)) if source.is_adapter else (lambda: model_pair_delta(source))
+def dense_task_vector_file(source: VectorSource, cache: Cache) -> Path:
+    """Return the cached dense task vector file, computing it once under the shared task-vector cache key."""
     metadata = {"format": TASK_VECTOR_FORMAT, "format_version": TASK_VECTOR_FORMAT_VERSION,
                 "base_digest": source.base_digest, "tuned_digest": source.tuned_digest,
                 "computed_by": "forge edit diff"}
-    return cache.get_or_compute(CacheKey(TASK_VECTOR_KIND, source.cache_inputs, {}), compute, metadata=metadata)
+    key = CacheKey(TASK_VECTOR_KIND, source.cache_inputs, {})
+    if source.is_adapter:
+        cache.get_or_compute(key, lambda: adapter_delta(source, cache), metadata=metadata)
+        return cache.blob_path(cache.lookup(key))
+    return cache.get_or_write_tensors(key, lambda path: write_model_pair_delta(source, path, metadata), metadata)
+
+
+def dense_task_vector(source: VectorSource, cache: Cache) -> dict[str, "torch.Tensor"]:
+    """Return the dense task vector as memory-mapped tensors of its cache entry (see `dense_task_vector_file`)."""
+    return load_tensors(dense_task_vector_file(source, cache))
+
+
+def copy_task_vector(source_path: Path, output: Path, metadata: dict[str, str]) -> None:
+    """Write the tensors of `source_path` to `output` with new metadata, copying the data without reading it into memory."""
+    with SafetensorsFile(source_path) as source, atomic_write(output) as handle:
+        names = sorted(source.names(), key=lambda name: source.byte_range(name)[0])
+        writer = SafetensorsWriter(handle, [(name, source.dtype(name), source.shape(name)) for name in names],
+                                   metadata)
+        for name in names:
+            writer.copy_from(source, name)
+        writer.finish()
 
 
 # Low-rank task vectors
@@ -306,9 +340,10 @@ def write_task_vector(base: str, tuned: str, output: Path, *, rank: int | None =
 
     source = resolve_pair(base, tuned, cache=cache)
     if rank is None:
-        vector = dense_task_vector(source, cache)
-        save_task_vector(output, vector, base_digest=source.base_digest, tuned_digest=source.tuned_digest,
-                         extra={"layout": LAYOUT_DENSE, "computed_by": "forge edit diff"})
+        metadata = {"format": TASK_VECTOR_FORMAT, "format_version": TASK_VECTOR_FORMAT_VERSION,
+                    "base_digest": source.base_digest, "tuned_digest": source.tuned_digest,
+                    "layout": LAYOUT_DENSE, "computed_by": "forge edit diff"}
+        copy_task_vector(dense_task_vector_file(source, cache), output, metadata)
     else:
         cached = _low_rank_file(source, rank, cache)
         with atomic_write(output) as handle, open(cached, "rb") as stored:
@@ -319,8 +354,8 @@ def write_task_vector(base: str, tuned: str, output: Path, *, rank: int | None =
 def summarize_task_vector(path: Path) -> dict[str, Any]:
     """Describe a task vector file: layout, rank, digests, parameter and stored value counts, and retained energy."""
     with TaskVectorFile(path) as vector:
-        parameters = sum(_element_count(vector.shape(name)) for name in vector.names())
-        stored = sum(_element_count(shape) for shape in vector.stored_shapes().values())
+        parameters = sum(element_count(vector.shape(name)) for name in vector.names())
+        stored = sum(element_count(shape) for shape in vector.stored_shapes().values())
         summary = {
             "output": str(path),
             "layout": vector.layout,
@@ -339,37 +374,35 @@ def summarize_task_vector(path: Path) -> dict[str, Any]:
     return summary
 
 
-def _element_count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
 # Reading either layout
 
 
 class TaskVectorFile:
-    """A task vector file, dense or low-rank, open for reading one dense fp32 update at a time."""
+    """A task vector file, dense or low-rank, open for reading dense fp32 updates one tensor or block of rows at a time.
+
+    The file is read with positioned reads (see `llmforge_edit.tensor_files`), so an update that
+    has been read and dropped no longer takes memory.
+    """
 
     def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
         self.path = Path(path)
         if not self.path.is_file():
             raise ForgeError(f"task vector file not found: {self.path}")
-        self.metadata = read_metadata(self.path)
+        self._file = SafetensorsFile(self.path)
+        self.metadata = self._file.metadata
         if self.metadata.get("format") != TASK_VECTOR_FORMAT:
+            self.close()
             raise ForgeError(f"{self.path} is not a forge task vector (metadata format is "
                              f"{self.metadata.get('format')!r}); create one with `forge edit diff`")
         if self.metadata.get("format_version") != TASK_VECTOR_FORMAT_VERSION:
+            self.close()
             raise ForgeError(f"{self.path} has task-vector format version {self.metadata.get('format_version')!r}; "
                              f"this forge reads version {TASK_VECTOR_FORMAT_VERSION}")
         self.layout = self.metadata.get("layout", LAYOUT_DENSE)
         if self.layout not in (LAYOUT_DENSE, LAYOUT_LOW_RANK):
+            self.close()
             raise ForgeError(f"{self.path} has the unknown layout {self.layout!r}; expected dense or low-rank")
-        self._handle = safe_open(str(self.path), framework="pt")
-        self._shapes = {name: tuple(self._handle.get_slice(name).get_shape()) for name in self._handle.keys()}
+        self._shapes = {name: self._file.shape(name) for name in self._file.names()}
         self._parameters = self._index_parameters()
 
     def __enter__(self) -> "TaskVectorFile":
@@ -379,7 +412,7 @@ class TaskVectorFile:
         self.close()
 
     def close(self) -> None:
-        self._handle = None
+        self._file.close()
 
     @property
     def base_digest(self) -> str | None:
@@ -406,6 +439,7 @@ class TaskVectorFile:
             parameter = name.removesuffix(SVD_U)
             u, s, vh = (self._shapes.get(parameter + suffix) for suffix in (SVD_U, SVD_S, SVD_VH))
             if s is None or vh is None or len(u) != 2 or len(vh) != 2 or s != (u[1],) or vh[0] != u[1]:
+                self.close()
                 raise ForgeError(f"{self.path}: the low-rank factors of {parameter!r} are missing or have "
                                  f"mismatched shapes (svd_u {u}, svd_s {s}, svd_vh {vh}); recreate the file")
             parameters[parameter] = (u[0], vh[1])
@@ -425,16 +459,21 @@ class TaskVectorFile:
         """Return the shapes of the tensors as stored in the file (the factors, for low-rank updates)."""
         return dict(self._shapes)
 
-    def tensor(self, name: str) -> "torch.Tensor":
-        """Return the dense fp32 update of one parameter, multiplying the factors out for a low-rank one."""
+    def _stored(self, name: str, start: int = 0, stop: int | None = None) -> "torch.Tensor":
         import torch
 
+        return as_torch(self._file.read(name, start, stop), self._file.dtype(name)).to(torch.float32)
+
+    def tensor(self, name: str) -> "torch.Tensor":
+        """Return the dense fp32 update of one parameter, multiplying the factors out for a low-rank one."""
+        return self.rows(name, 0, None)
+
+    def rows(self, name: str, start: int, stop: int | None) -> "torch.Tensor":
+        """Return rows [start, stop) of dimension 0 of the dense fp32 update (all rows when stop is None)."""
         if name in self._shapes:
-            return self._handle.get_tensor(name).to(torch.float32)
-        u = self._handle.get_tensor(name + SVD_U).to(torch.float32)
-        s = self._handle.get_tensor(name + SVD_S).to(torch.float32)
-        vh = self._handle.get_tensor(name + SVD_VH).to(torch.float32)
-        return (u * s) @ vh
+            return self._stored(name, start, stop)
+        u = self._stored(name + SVD_U, start, stop)
+        return (u * self._stored(name + SVD_S)) @ self._stored(name + SVD_VH)
 
     def items(self) -> Iterator[tuple[str, "torch.Tensor"]]:
         for name in self.names():
