@@ -39,11 +39,17 @@ _forge_command() {
             _forge_arguments=(shell)
             ;;
         'forge edit')
-            _forge_subcommands=(diff merge sae)
+            _forge_subcommands=(apply diff layers merge sae)
             _forge_options=(--help -h)
+            ;;
+        'forge edit apply')
+            _forge_options=(--base --help --json --k --lambda --output --overwrite --project --quiet --sae --scores --seed --select --vector -h -o)
             ;;
         'forge edit diff')
             _forge_options=(--base --help --json --output --overwrite --quiet --rank --tuned -h -o)
+            ;;
+        'forge edit layers')
+            _forge_options=(--column --completion-template --dtype --eps --format --general-data --general-format --help --json --keep-bos --max-length --min-rate --model --output --plot --prompt-template --quiet --sae --skip-bos --statistic --task-data --threads --tokens --top-m -h -o)
             ;;
         'forge edit merge')
             _forge_options=(--base --help --json --lambda --layers --method --modules --no-normalize --normalize --output --overwrite --quiet --seed --vector -h -o)
@@ -93,10 +99,39 @@ _forge_option_nargs() {
         'forge cache gc|--unused-days') _forge_nargs=1 ;;
         'forge cache ls|--kind') _forge_nargs=1 ;;
         'forge cache rm|--kind') _forge_nargs=1 ;;
+        'forge edit apply|--base') _forge_nargs=1 ;;
+        'forge edit apply|--k') _forge_nargs=1 ;;
+        'forge edit apply|--lambda') _forge_nargs=1 ;;
+        'forge edit apply|--output'|'forge edit apply|-o') _forge_nargs=1 ;;
+        'forge edit apply|--project') _forge_nargs=1 ;;
+        'forge edit apply|--sae') _forge_nargs=1 ;;
+        'forge edit apply|--scores') _forge_nargs=1 ;;
+        'forge edit apply|--seed') _forge_nargs=1 ;;
+        'forge edit apply|--select') _forge_nargs=1 ;;
+        'forge edit apply|--vector') _forge_nargs=1 ;;
         'forge edit diff|--base') _forge_nargs=1 ;;
         'forge edit diff|--output'|'forge edit diff|-o') _forge_nargs=1 ;;
         'forge edit diff|--rank') _forge_nargs=1 ;;
         'forge edit diff|--tuned') _forge_nargs=1 ;;
+        'forge edit layers|--column') _forge_nargs=1 ;;
+        'forge edit layers|--completion-template') _forge_nargs=1 ;;
+        'forge edit layers|--dtype') _forge_nargs=1 ;;
+        'forge edit layers|--eps') _forge_nargs=1 ;;
+        'forge edit layers|--format') _forge_nargs=1 ;;
+        'forge edit layers|--general-data') _forge_nargs=1 ;;
+        'forge edit layers|--general-format') _forge_nargs=1 ;;
+        'forge edit layers|--max-length') _forge_nargs=1 ;;
+        'forge edit layers|--min-rate') _forge_nargs=1 ;;
+        'forge edit layers|--model') _forge_nargs=1 ;;
+        'forge edit layers|--output'|'forge edit layers|-o') _forge_nargs=1 ;;
+        'forge edit layers|--plot') _forge_nargs=1 ;;
+        'forge edit layers|--prompt-template') _forge_nargs=1 ;;
+        'forge edit layers|--sae') _forge_nargs=1 ;;
+        'forge edit layers|--statistic') _forge_nargs=1 ;;
+        'forge edit layers|--task-data') _forge_nargs=1 ;;
+        'forge edit layers|--threads') _forge_nargs=1 ;;
+        'forge edit layers|--tokens') _forge_nargs=1 ;;
+        'forge edit layers|--top-m') _forge_nargs=1 ;;
         'forge edit merge|--base') _forge_nargs=1 ;;
         'forge edit merge|--lambda') _forge_nargs=1 ;;
         'forge edit merge|--layers') _forge_nargs=1 ;;
@@ -248,7 +283,20 @@ _forge_option_nargs() {
 _forge_value() {
     case "$1|$2" in
         'forge completion|shell') _forge_words bash fish zsh ;;
+        'forge edit apply|--output'|'forge edit apply|-o') _forge_directories ;;
+        'forge edit apply|--project') _forge_words sae ;;
+        'forge edit apply|--sae') _forge_directories ;;
+        'forge edit apply|--scores') _forge_files ;;
+        'forge edit apply|--vector') _forge_files ;;
         'forge edit diff|--output'|'forge edit diff|-o') _forge_files ;;
+        'forge edit layers|--dtype') _forge_words bf16 fp32 ;;
+        'forge edit layers|--format') _forge_words auto chat instruction prompt-completion text ;;
+        'forge edit layers|--general-format') _forge_words auto chat instruction prompt-completion text ;;
+        'forge edit layers|--model') _forge_words gemma3-270m smollm2-135m; _forge_files ;;
+        'forge edit layers|--output'|'forge edit layers|-o') _forge_files ;;
+        'forge edit layers|--plot') _forge_files ;;
+        'forge edit layers|--sae') _forge_directories ;;
+        'forge edit layers|--statistic') _forge_words mean rate ;;
         'forge edit merge|--output'|'forge edit merge|-o') _forge_directories ;;
         'forge edit sae info|--model') _forge_words gemma3-270m smollm2-135m; _forge_files ;;
         'forge edit sae info|directory') _forge_files ;;

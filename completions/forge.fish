@@ -10,7 +10,7 @@ function __forge_subcommands
         case 'cache'
             printf '%s\n' gc info ls rm verify
         case 'edit'
-            printf '%s\n' diff merge sae
+            printf '%s\n' apply diff layers merge sae
         case 'edit sae'
             printf '%s\n' info train
         case 'eval'
@@ -27,6 +27,26 @@ function __forge_option_nargs
             echo 1
         case 'cache rm|--kind'
             echo 1
+        case 'edit apply|--base'
+            echo 1
+        case 'edit apply|--k'
+            echo 1
+        case 'edit apply|--lambda'
+            echo 1
+        case 'edit apply|--output' 'edit apply|-o'
+            echo 1
+        case 'edit apply|--project'
+            echo 1
+        case 'edit apply|--sae'
+            echo 1
+        case 'edit apply|--scores'
+            echo 1
+        case 'edit apply|--seed'
+            echo 1
+        case 'edit apply|--select'
+            echo 1
+        case 'edit apply|--vector'
+            echo 1
         case 'edit diff|--base'
             echo 1
         case 'edit diff|--output' 'edit diff|-o'
@@ -34,6 +54,44 @@ function __forge_option_nargs
         case 'edit diff|--rank'
             echo 1
         case 'edit diff|--tuned'
+            echo 1
+        case 'edit layers|--column'
+            echo 1
+        case 'edit layers|--completion-template'
+            echo 1
+        case 'edit layers|--dtype'
+            echo 1
+        case 'edit layers|--eps'
+            echo 1
+        case 'edit layers|--format'
+            echo 1
+        case 'edit layers|--general-data'
+            echo 1
+        case 'edit layers|--general-format'
+            echo 1
+        case 'edit layers|--max-length'
+            echo 1
+        case 'edit layers|--min-rate'
+            echo 1
+        case 'edit layers|--model'
+            echo 1
+        case 'edit layers|--output' 'edit layers|-o'
+            echo 1
+        case 'edit layers|--plot'
+            echo 1
+        case 'edit layers|--prompt-template'
+            echo 1
+        case 'edit layers|--sae'
+            echo 1
+        case 'edit layers|--statistic'
+            echo 1
+        case 'edit layers|--task-data'
+            echo 1
+        case 'edit layers|--threads'
+            echo 1
+        case 'edit layers|--tokens'
+            echo 1
+        case 'edit layers|--top-m'
             echo 1
         case 'edit merge|--base'
             echo 1
@@ -403,10 +461,28 @@ complete -c forge -n '__forge_at completion' -l help -s h -d 'Show this message 
 complete -c forge -n '__forge_at completion' -a 'bash fish zsh'
 
 # forge edit
+complete -c forge -n '__forge_at edit' -a 'apply' -d 'Add a task vector to chosen decoder layers of the base only, and write an HF...'
 complete -c forge -n '__forge_at edit' -a 'diff' -d 'Write the task vector tuned minus base as a safetensors file'
+complete -c forge -n '__forge_at edit' -a 'layers' -d 'Rank decoder layers by how task-specific their SAE features are'
 complete -c forge -n '__forge_at edit' -a 'merge' -d 'Merge task vectors into a base model and write the result as an HF model...'
 complete -c forge -n '__forge_at edit' -a 'sae' -d 'Train and inspect sparse autoencoders on the residual stream, stored in the...'
 complete -c forge -n '__forge_at edit' -l help -s h -d 'Show this message and exit'
+
+# forge edit apply
+complete -c forge -n '__forge_at edit apply' -l base -x -d 'Base model reference that the task vector was computed against'
+complete -c forge -n '__forge_at edit apply' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at edit apply' -l json -d 'Print the run record as one JSON document on stdout'
+complete -c forge -n '__forge_at edit apply' -l k -x -d 'Number of layers for top-k, bottom-k and random-k'
+complete -c forge -n '__forge_at edit apply' -l lambda -x -d 'Factor applied to the task vector; 1 adds the raw vector'
+complete -c forge -n '__forge_at edit apply' -l output -s o -x -a '(__fish_complete_directories)' -d 'HF model directory to write, with forge_run.json'
+complete -c forge -n '__forge_at edit apply' -l overwrite -d 'Replace an existing output directory written by forge'
+complete -c forge -n '__forge_at edit apply' -l project -x -a 'sae' -d 'Project tau onto the span of each chosen layer\'s top task features (needs...'
+complete -c forge -n '__forge_at edit apply' -l quiet -d 'No progress bars'
+complete -c forge -n '__forge_at edit apply' -l sae -x -a '(__fish_complete_directories)' -d 'SAE directory the scores were computed with; used by --project sae'
+complete -c forge -n '__forge_at edit apply' -l scores -r -F -d 'Scores file from `forge edit layers -o`; needed by top-k, bottom-k and --project'
+complete -c forge -n '__forge_at edit apply' -l seed -x -d 'Seed of the random-k draw'
+complete -c forge -n '__forge_at edit apply' -l select -x -d 'Layers to edit: the k best or worst scored layers, k random layers, the...'
+complete -c forge -n '__forge_at edit apply' -l vector -r -F -d 'Task vector file from `forge edit diff`'
 
 # forge edit diff
 complete -c forge -n '__forge_at edit diff' -l base -x -d 'Base model reference: a built-in name, HF directory or .gguf file'
@@ -417,6 +493,31 @@ complete -c forge -n '__forge_at edit diff' -l overwrite -d 'Replace an existing
 complete -c forge -n '__forge_at edit diff' -l quiet -d 'No progress bars'
 complete -c forge -n '__forge_at edit diff' -l rank -x -d 'Store each 2-D update as its rank-R truncated SVD; 1-D updates stay dense'
 complete -c forge -n '__forge_at edit diff' -l tuned -x -d 'Fine-tuned model reference: an HF directory, .gguf file, built-in name or...'
+
+# forge edit layers
+complete -c forge -n '__forge_at edit layers' -l column -x -d 'Read the task format\'s FIELD from the record field NAME (repeatable)'
+complete -c forge -n '__forge_at edit layers' -l completion-template -x -d 'Task completion template with {field} placeholders, e.g'
+complete -c forge -n '__forge_at edit layers' -l dtype -x -a 'bf16 fp32' -d 'Dtype of the model forward'
+complete -c forge -n '__forge_at edit layers' -l eps -x -d 'eps in the denominator of s_j'
+complete -c forge -n '__forge_at edit layers' -l format -x -a 'auto chat instruction prompt-completion text' -d 'Record format of --task-data (as in forge finetune); each record\'s prompt...'
+complete -c forge -n '__forge_at edit layers' -l general-data -x -d 'General text to compare with, read with --general-format'
+complete -c forge -n '__forge_at edit layers' -l general-format -x -a 'auto chat instruction prompt-completion text' -d 'Record format of --general-data'
+complete -c forge -n '__forge_at edit layers' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at edit layers' -l json -d 'Print the full record, with each layer\'s top features, as JSON'
+complete -c forge -n '__forge_at edit layers' -l keep-bos -l skip-bos -d 'Leave out the activation of a leading BOS token, as `forge edit sae train` does'
+complete -c forge -n '__forge_at edit layers' -l max-length -x -d 'Tokens per text; longer texts are cut'
+complete -c forge -n '__forge_at edit layers' -l min-rate -x -d 'Leave out features that fire on less than this fraction of the task tokens...'
+complete -c forge -n '__forge_at edit layers' -l model -r -F -a 'gemma3-270m smollm2-135m' -d 'Model reference: a built-in name, HF directory or .gguf file'
+complete -c forge -n '__forge_at edit layers' -l output -s o -r -F -d 'Write the scores as JSON, the file `forge edit apply --scores` reads'
+complete -c forge -n '__forge_at edit layers' -l plot -r -F -d 'Write a bar chart of the layer scores as PNG'
+complete -c forge -n '__forge_at edit layers' -l prompt-template -x -d 'Task prompt template with {field} placeholders, e.g'
+complete -c forge -n '__forge_at edit layers' -l quiet -d 'No progress bars'
+complete -c forge -n '__forge_at edit layers' -l sae -x -a '(__fish_complete_directories)' -d 'SAE directory from `forge edit sae train` (or SAELens directories); every...'
+complete -c forge -n '__forge_at edit layers' -l statistic -x -a 'mean rate' -d 'mu per feature: the mean activation over tokens, or the fraction of tokens...'
+complete -c forge -n '__forge_at edit layers' -l task-data -x -d 'Task text: a .jsonl/.json/.csv/.tsv/.txt file or demo:NAME'
+complete -c forge -n '__forge_at edit layers' -l threads -x -d 'CPU threads for torch (default: one per core)'
+complete -c forge -n '__forge_at edit layers' -l tokens -x -d 'Token budget per data set: activations collected on the task text and on the...'
+complete -c forge -n '__forge_at edit layers' -l top-m -x -d 'A layer\'s score is the mean specificity s_j of its top-m features'
 
 # forge edit merge
 complete -c forge -n '__forge_at edit merge' -l base -x -d 'Base model reference that the task vectors were computed against'

@@ -14,6 +14,7 @@ reconstruction error.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -59,25 +60,26 @@ def model_shape(reference: str, cache=None) -> ModelShape:
                          "SAEs need a decoder-only transformer") from None
 
 
-def parse_layers(spec: str | None, num_layers: int) -> list[int]:
-    """Parse --layers ("all", "3", "0,4,8" or ranges such as "2-5") into sorted layer indices."""
+def parse_layers(spec: str | None, num_layers: int, *, option: str = "--layers") -> list[int]:
+    """Parse a layer list ("all", "3", "0,4,8" or ranges such as "2-5") into sorted layer indices.
+
+    `option` names the flag in error messages. Raises ForgeError for bad syntax, a reversed range
+    or an index outside [0, num_layers).
+    """
     if spec is None or spec.strip().lower() == "all":
         return list(range(num_layers))
     layers: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        start, dash, end = part.partition("-")
-        try:
-            values = range(int(start), int(end) + 1) if dash else [int(part)]
-        except ValueError:
-            raise ForgeError(f"invalid --layers {spec!r}: use all, numbers such as 0,4,8 or ranges such as 2-5") from None
-        layers.update(values)
-    for layer in sorted(layers):
-        if not 0 <= layer < num_layers:
-            raise ForgeError(f"layer {layer} in --layers is out of range: the model has {num_layers} "
+    for part in (piece.strip() for piece in spec.split(",")):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise ForgeError(f"invalid {option} {spec!r}: use all, numbers such as 0,4,8 or ranges such as 2-5")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if first > last:
+            raise ForgeError(f"invalid {option} range {part!r}: the start is after the end")
+        if last >= num_layers:
+            raise ForgeError(f"layer {last} in {option} is out of range: the model has {num_layers} "
                              f"decoder layers, numbered 0 to {num_layers - 1}")
-    if not layers:
-        raise ForgeError(f"invalid --layers {spec!r}: it names no layer")
+        layers.update(range(first, last + 1))
     return sorted(layers)
 
 
@@ -91,6 +93,8 @@ class TextSource:
     data: str
     fmt: str = "auto"
     columns: dict[str, str] = field(default_factory=dict)
+    prompt_template: str | None = None
+    completion_template: str | None = None
 
     def digest(self) -> str:
         from llmforge.checkpoint import file_digest
@@ -107,7 +111,7 @@ class TextSource:
 
         records = read_records(resolve_data_path(self.data))
         try:
-            examples = to_examples(records, tokenizer, fmt=self.fmt, columns=self.columns)
+            examples = to_examples(records, tokenizer, **self._options())
         except ForgeError as error:
             # NOTE: to_examples has no option to allow empty completions, so its message is matched.
             if "empty completion" not in str(error):
@@ -115,17 +119,30 @@ class TextSource:
             examples = [self._example(records, index, tokenizer) for index in range(len(records))]
         return [example.prompt + example.completion for example in examples if example.prompt + example.completion]
 
+    def _options(self) -> dict[str, Any]:
+        return {"fmt": self.fmt, "columns": self.columns, "prompt_template": self.prompt_template,
+                "completion_template": self.completion_template}
+
+    def cache_params(self) -> dict[str, Any]:
+        """Return the settings that change the text, for activation cache keys."""
+        params: dict[str, Any] = {"format": self.fmt, "columns": dict(sorted(self.columns.items()))}
+        # Set only when given, so that the keys of runs without templates stay as they were.
+        for name in ("prompt_template", "completion_template"):
+            if getattr(self, name) is not None:
+                params[name] = getattr(self, name)
+        return params
+
     def _example(self, records, index: int, tokenizer):
         from llmforge.data import Example, to_examples
 
         try:
-            return to_examples(records[index:index + 1], tokenizer, fmt=self.fmt, columns=self.columns)[0]
+            return to_examples(records[index:index + 1], tokenizer, **self._options())[0]
         except ForgeError as error:
             if "empty completion" not in str(error):
                 raise
             # The prompt alone: render the record with a placeholder completion and drop it again.
             record = {**records[index], "output": " ", "completion": " ", "answer": " "}
-            example = to_examples([record], tokenizer, fmt=self.fmt, columns=self.columns)[0]
+            example = to_examples([record], tokenizer, **self._options())[0]
             return Example(example.prompt, "")
 
 
@@ -258,8 +275,8 @@ def activation_key(model_digest: str, data_digest: str, request: ActivationReque
     from llmforge.cache import CacheKey
 
     params = {"layer": layer, "hook": "resid_post", "tokens": request.tokens, "max_length": request.max_length,
-              "skip_bos": request.skip_bos, "dtype": request.dtype, "format": request.source.fmt,
-              "columns": dict(sorted(request.source.columns.items())), "version": ACTIVATION_VERSION}
+              "skip_bos": request.skip_bos, "dtype": request.dtype, **request.source.cache_params(),
+              "version": ACTIVATION_VERSION}
     return CacheKey(ACTIVATION_KIND, {"model": model_digest, "data": data_digest}, params)
 
 
