@@ -551,7 +551,7 @@ complete -c forge -n '__forge_at edit sae train' -l column -x -d 'Read the forma
 complete -c forge -n '__forge_at edit sae train' -l data -x -d 'Text to collect activations on: a .jsonl/.json/.csv/.tsv/.txt file or demo:NAME'
 complete -c forge -n '__forge_at edit sae train' -l dead-tokens -x -d 'A feature that has not fired for this many training tokens is dead and gets...'
 complete -c forge -n '__forge_at edit sae train' -l dtype -x -a 'bf16 fp32' -d 'Dtype of the model forward and of the SAE encoder product; SAE weights and...'
-complete -c forge -n '__forge_at edit sae train' -l epochs -x -d 'Passes over the training tokens per layer'
+complete -c forge -n '__forge_at edit sae train' -l epochs -x -d 'Passes over the training tokens per layer (2 reach an explained variance...'
 complete -c forge -n '__forge_at edit sae train' -l expansion -x -d 'Dictionary size as a multiple of the hidden size'
 complete -c forge -n '__forge_at edit sae train' -l format -x -a 'auto chat instruction prompt-completion text' -d 'Record format (as in forge finetune); each record\'s prompt and completion...'
 complete -c forge -n '__forge_at edit sae train' -l help -s h -d 'Show this message and exit'

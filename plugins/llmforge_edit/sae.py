@@ -115,7 +115,7 @@ class TrainSettings:
     expansion: int = 8
     k: int = 32
     steps: int | None = None
-    epochs: float = 4.0
+    epochs: float = 2.0
     batch_size: int = 4096
     lr: float = 1e-3
     seed: int = 0

@@ -149,7 +149,8 @@ def sae_group() -> None:
 @click.option("--expansion", type=int, default=8, show_default=True, help="Dictionary size as a multiple of the hidden size.")
 @click.option("--k", type=int, default=32, show_default=True, help="Features active per token (TopK).")
 @click.option("--steps", type=int, help="Adam steps per layer; overrides --epochs.")
-@click.option("--epochs", type=float, default=4.0, show_default=True, help="Passes over the training tokens per layer.")
+@click.option("--epochs", type=float, default=2.0, show_default=True,
+              help="Passes over the training tokens per layer (2 reach an explained variance near 0.9 on 200k tokens).")
 @click.option("--batch-size", type=int, default=4096, show_default=True, help="Tokens per Adam step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
 @click.option("--dead-tokens", type=int, default=100_000, show_default=True,
