@@ -8,7 +8,7 @@ _forge_command() {
     _forge_subcommands=() _forge_options=() _forge_arguments=() _forge_variadic=0
     case "$1" in
         'forge')
-            _forge_subcommands=(cache completion edit eval finetune models plugins zo)
+            _forge_subcommands=(cache completion edit eval finetune models plugins transfer zo)
             _forge_options=(--allow-pickle --debug --help --version -h)
             ;;
         'forge cache')
@@ -86,6 +86,13 @@ _forge_command() {
             ;;
         'forge plugins')
             _forge_options=(--help --json -h)
+            ;;
+        'forge transfer')
+            _forge_subcommands=(make-test-target)
+            _forge_options=(--align --alpha --batch-size --calib --calib-tokens --dtype --help --json --layer-map --max-length --output --overwrite --quiet --source-base --source-tuned --target-base --vector -h -o)
+            ;;
+        'forge transfer make-test-target')
+            _forge_options=(--help --json --model --output --overwrite --permute-heads --permute-mlp --seed -h -o)
             ;;
         'forge zo')
             _forge_options=(--alpha --backend --batch-size --column --completion-template --data --dtype --eps --eval-batch-size --eval-data --eval-every --eval-limit --format --help --json --label-field --limit --lr --max-length --method --model --momentum --no-packing --nu --output --overwrite --packing --perturbation --prompt-template --queries --quiet --rank --resume --save-every --seed --single-token --steps --target-modules --template --threads --verbalizers --weight-decay -h -o)
@@ -240,6 +247,22 @@ _forge_option_nargs() {
         'forge finetune|--target-modules') _forge_nargs=1 ;;
         'forge finetune|--threads') _forge_nargs=1 ;;
         'forge finetune|--warmup-steps') _forge_nargs=1 ;;
+        'forge transfer|--align') _forge_nargs=1 ;;
+        'forge transfer|--alpha') _forge_nargs=1 ;;
+        'forge transfer|--batch-size') _forge_nargs=1 ;;
+        'forge transfer|--calib') _forge_nargs=1 ;;
+        'forge transfer|--calib-tokens') _forge_nargs=1 ;;
+        'forge transfer|--dtype') _forge_nargs=1 ;;
+        'forge transfer|--layer-map') _forge_nargs=1 ;;
+        'forge transfer|--max-length') _forge_nargs=1 ;;
+        'forge transfer|--output'|'forge transfer|-o') _forge_nargs=1 ;;
+        'forge transfer|--source-base') _forge_nargs=1 ;;
+        'forge transfer|--source-tuned') _forge_nargs=1 ;;
+        'forge transfer|--target-base') _forge_nargs=1 ;;
+        'forge transfer|--vector') _forge_nargs=1 ;;
+        'forge transfer make-test-target|--model') _forge_nargs=1 ;;
+        'forge transfer make-test-target|--output'|'forge transfer make-test-target|-o') _forge_nargs=1 ;;
+        'forge transfer make-test-target|--seed') _forge_nargs=1 ;;
         'forge zo|--alpha') _forge_nargs=1 ;;
         'forge zo|--backend') _forge_nargs=1 ;;
         'forge zo|--batch-size') _forge_nargs=1 ;;
@@ -331,6 +354,12 @@ _forge_value() {
         'forge finetune|--output'|'forge finetune|-o') _forge_files ;;
         'forge finetune|--overlong') _forge_words reject truncate ;;
         'forge finetune|--schedule') _forge_words constant cosine ;;
+        'forge transfer|--align') _forge_words activations bico naive ;;
+        'forge transfer|--dtype') _forge_words float32 float64 ;;
+        'forge transfer|--output'|'forge transfer|-o') _forge_directories ;;
+        'forge transfer|--vector') _forge_files ;;
+        'forge transfer make-test-target|--model') _forge_words gemma3-270m smollm2-135m; _forge_files ;;
+        'forge transfer make-test-target|--output'|'forge transfer make-test-target|-o') _forge_directories ;;
         'forge zo|--dtype') _forge_words bf16 fp32 ;;
         'forge zo|--format') _forge_words auto chat instruction prompt-completion text ;;
         'forge zo|--method') _forge_words lozo lozo-m mezo mezo-lora ;;

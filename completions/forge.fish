@@ -6,7 +6,7 @@
 function __forge_subcommands
     switch $argv[1]
         case ''
-            printf '%s\n' cache completion edit eval finetune models plugins zo
+            printf '%s\n' cache completion edit eval finetune models plugins transfer zo
         case 'cache'
             printf '%s\n' gc info ls rm verify
         case 'edit'
@@ -15,6 +15,8 @@ function __forge_subcommands
             printf '%s\n' info train
         case 'eval'
             printf '%s\n' drift interpolate spectra
+        case 'transfer'
+            printf '%s\n' make-test-target
     end
 end
 
@@ -309,6 +311,38 @@ function __forge_option_nargs
             echo 1
         case 'finetune|--warmup-steps'
             echo 1
+        case 'transfer|--align'
+            echo 1
+        case 'transfer|--alpha'
+            echo 1
+        case 'transfer|--batch-size'
+            echo 1
+        case 'transfer|--calib'
+            echo 1
+        case 'transfer|--calib-tokens'
+            echo 1
+        case 'transfer|--dtype'
+            echo 1
+        case 'transfer|--layer-map'
+            echo 1
+        case 'transfer|--max-length'
+            echo 1
+        case 'transfer|--output' 'transfer|-o'
+            echo 1
+        case 'transfer|--source-base'
+            echo 1
+        case 'transfer|--source-tuned'
+            echo 1
+        case 'transfer|--target-base'
+            echo 1
+        case 'transfer|--vector'
+            echo 1
+        case 'transfer make-test-target|--model'
+            echo 1
+        case 'transfer make-test-target|--output' 'transfer make-test-target|-o'
+            echo 1
+        case 'transfer make-test-target|--seed'
+            echo 1
         case 'zo|--alpha'
             echo 1
         case 'zo|--backend'
@@ -416,6 +450,7 @@ complete -c forge -n '__forge_at' -a 'eval' -d 'Evaluate models on target and ge
 complete -c forge -n '__forge_at' -a 'finetune' -d 'Fine-tune a model with a PEFT method (or fully) on a data file and write the...'
 complete -c forge -n '__forge_at' -a 'models' -d 'List the built-in models, whether their package is installed, and whether a...'
 complete -c forge -n '__forge_at' -a 'plugins' -d 'List the loaded plugins with their versions and hooks, and the plugins that...'
+complete -c forge -n '__forge_at' -a 'transfer' -d 'Move a task vector from one base model to another without training'
 complete -c forge -n '__forge_at' -a 'zo' -d 'Fine-tune a model without backpropagation: zeroth-order (MeZO, LoZO) steps...'
 complete -c forge -n '__forge_at' -l allow-pickle -d 'Allow model weights stored as pickle files (.bin, .pt); they are read with...'
 complete -c forge -n '__forge_at' -l debug -d 'Show the full traceback of an error'
@@ -698,6 +733,36 @@ complete -c forge -n '__forge_at models' -l json -d 'Print a JSON document inste
 # forge plugins
 complete -c forge -n '__forge_at plugins' -l help -s h -d 'Show this message and exit'
 complete -c forge -n '__forge_at plugins' -l json -d 'Print a JSON document instead of a table'
+
+# forge transfer
+complete -c forge -n '__forge_at transfer' -a 'make-test-target' -d 'Write an exact re-parameterisation of a Llama-style model: same logits...'
+complete -c forge -n '__forge_at transfer' -l align -x -a 'activations bico naive' -d 'How the maps are estimated: input activations with output gradients (bico)...'
+complete -c forge -n '__forge_at transfer' -l alpha -x -d 'Factor applied to the transported vector'
+complete -c forge -n '__forge_at transfer' -l batch-size -x -d 'Calibration examples per forward-backward pass'
+complete -c forge -n '__forge_at transfer' -l calib -x -d 'Calibration data file, in any format forge finetune reads'
+complete -c forge -n '__forge_at transfer' -l calib-tokens -x -d 'Calibration tokens to use (whole examples, up to this count)'
+complete -c forge -n '__forge_at transfer' -l dtype -x -a 'float32 float64' -d 'Dtype of both models during calibration; the sums are float64 either way'
+complete -c forge -n '__forge_at transfer' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at transfer' -l json -d 'Print the run record as one JSON document on stdout'
+complete -c forge -n '__forge_at transfer' -l layer-map -x -d 'Which source layer each target layer takes its update from: target layer j...'
+complete -c forge -n '__forge_at transfer' -l max-length -x -d 'Maximum tokens per calibration example; longer ones are truncated'
+complete -c forge -n '__forge_at transfer' -l output -s o -x -a '(__fish_complete_directories)' -d 'HF model directory to write, with transported_vector.safetensors and...'
+complete -c forge -n '__forge_at transfer' -l overwrite -d 'Replace an existing output directory'
+complete -c forge -n '__forge_at transfer' -l quiet -d 'No progress bars or log lines on stderr'
+complete -c forge -n '__forge_at transfer' -l source-base -x -d 'Base model the task vector was made on (built-in name, HF dir or .gguf)'
+complete -c forge -n '__forge_at transfer' -l source-tuned -x -d 'Fine-tuned source model; the vector is it minus --source-base'
+complete -c forge -n '__forge_at transfer' -l target-base -x -d 'New base model to carry the vector to'
+complete -c forge -n '__forge_at transfer' -l vector -r -F -d 'Task-vector file from `forge edit diff` against --source-base (instead of...'
+
+# forge transfer make-test-target
+complete -c forge -n '__forge_at transfer make-test-target' -l help -s h -d 'Show this message and exit'
+complete -c forge -n '__forge_at transfer make-test-target' -l json -d 'Print the run record as one JSON document on stdout'
+complete -c forge -n '__forge_at transfer make-test-target' -l model -r -F -a 'gemma3-270m smollm2-135m' -d 'Source model reference: a built-in name, HF directory or .gguf file'
+complete -c forge -n '__forge_at transfer make-test-target' -l output -s o -x -a '(__fish_complete_directories)' -d 'HF model directory to write, with forge_run.json'
+complete -c forge -n '__forge_at transfer make-test-target' -l overwrite -d 'Replace an existing output directory'
+complete -c forge -n '__forge_at transfer make-test-target' -l permute-heads -d 'Also permute the attention heads of every layer, keeping grouped-query...'
+complete -c forge -n '__forge_at transfer make-test-target' -l permute-mlp -d 'Also permute the MLP units of every layer'
+complete -c forge -n '__forge_at transfer make-test-target' -l seed -x -d 'Seed of the rotation and the permutations'
 
 # forge zo
 complete -c forge -n '__forge_at zo' -l alpha -x -d 'LoRA alpha of mezo-lora; the update is scaled by alpha/rank (default 2 x rank)'
