@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import click
@@ -18,6 +19,18 @@ from llmforge.errors import ForgeError
 from llmforge.plugins import get_plugin_manager, load_errors, loaded_plugins
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler, so that a plain `kill` unwinds like Ctrl-C and cleanup code runs.
+
+    It subclasses KeyboardInterrupt because the atomic writers and partial directories already
+    remove their temporary files on KeyboardInterrupt.
+    """
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 class ForgeGroup(click.Group):
@@ -31,9 +44,11 @@ class ForgeGroup(click.Group):
                 raise
             click.echo(f"Error: {error}", err=True)
             ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as interrupt:
+            # 128 + the signal number, the shell convention: 130 for Ctrl-C (SIGINT), 143 for SIGTERM.
+            terminated = isinstance(interrupt, Terminated)
+            click.echo("Terminated." if terminated else "Interrupted.", err=True)
+            ctx.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
         except OSError as error:
             # The user can fix file system failures such as a parent path that is a file, a missing
             # permission or a full disk, so name the path instead of printing a traceback.
@@ -171,7 +186,12 @@ _register_plugin_commands()
 
 
 def main() -> None:
-    """Run ``forge``; a closed stdout (``forge ... | head``) ends the program quietly."""
+    """Run ``forge``; a closed stdout (``forge ... | head``) ends the program quietly.
+
+    SIGTERM is turned into an exception, so temporary outputs are removed as on Ctrl-C, and the
+    exit status is 143. SIGKILL cannot be caught and leaves them behind.
+    """
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         cli.main(prog_name="forge")
     except BrokenPipeError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -509,6 +510,176 @@ def test_apply_script_exits_1(setup, tmp_path, forge_env):
     assert result.returncode == 1
     assert "invalid --k 0" in result.stderr
     assert not output.exists()
+
+
+def layers_options(setup, **replace) -> list:
+    options = {"--model": setup["model"], "--sae": setup["saes"], "--task-data": setup["texts"]["task"],
+               "--general-data": setup["texts"]["general"], "--tokens": 1500, "--max-length": 64, "--top-m": 4}
+    options.update(replace)
+    return ["edit", "layers", *[item for pair in options.items() for item in pair], "--quiet"]
+
+
+@pytest.mark.parametrize("option", ["-o", "--plot"])
+def test_layers_keeps_existing_output(setup, tmp_path, option):
+    existing = tmp_path / "precious.jsonl"
+    existing.write_text("keep me\n")
+    result = invoke(*layers_options(setup), option, existing)
+
+    assert result.exit_code == 1
+    assert f"{option} file {existing} already exists" in result.output
+    assert existing.read_text() == "keep me\n"
+
+
+def test_layers_overwrite_replaces_output(setup, tmp_path):
+    existing = tmp_path / "scores.json"
+    existing.write_text("old\n")
+    result = invoke(*layers_options(setup), "-o", existing, "--overwrite")
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(existing.read_text())["format"] == "llmforge.edit.layer_scores"
+
+
+def test_layers_rejects_k_above_width(setup, tmp_path):
+    directory = tmp_path / "saes"
+    save_sae(directory, 1, background_sae(torch.Generator().manual_seed(0)))
+    config_path = directory / hook_name(1) / "cfg.json"
+    config = json.loads(config_path.read_text())
+    config.update(architecture="topk", k=32)
+    config_path.write_text(json.dumps(config))
+    result = invoke(*layers_options(setup, **{"--sae": directory}), "-o", tmp_path / "s.json")
+
+    assert result.exit_code == 1
+    assert "k=32" in result.output
+    assert "d_sae=16" in result.output
+    assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.txt", None, "--general-data: data file not found"),
+    ("empty.txt", "", "no records found"),
+    ("wiki.raw", "some text\n", "rename it to one of: .jsonl"),
+])
+def test_layers_checks_general_data_first(setup, tmp_path, monkeypatch, name, content, message):
+    import llmforge_edit.activations as activations
+
+    def fail(*args, **kwargs):
+        raise AssertionError("activations were collected before --general-data was checked")
+
+    monkeypatch.setattr(activations, "cached_activations", fail)
+    general = tmp_path / name
+    if content is not None:
+        general.write_text(content)
+    request = score_request(setup["model"], setup["saes"], {"task": setup["texts"]["task"], "general": general},
+                            output=tmp_path / "s.json")
+    with pytest.raises(ForgeError, match=message):
+        score_layers(request, cache=setup["cache"])
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_empty_text_record_names_file(setup, tmp_path):
+    data = tmp_path / "empty-text.jsonl"
+    data.write_text(json.dumps({"text": ""}) + "\n")
+    request = score_request(setup["model"], setup["saes"], {"task": data, "general": setup["texts"]["general"]})
+    with pytest.raises(ForgeError, match=f"every record of {data} renders to an empty text"):
+        score_layers(request, cache=setup["cache"])
+
+
+def edited_scores(setup, tmp_path, edit) -> Path:
+    record = json.loads(setup["scores"].read_text())
+    edit(record)
+    path = tmp_path / "edited-scores.json"
+    path.write_text(json.dumps(record))
+    return path
+
+
+def set_top_feature(record, index: int) -> None:
+    row = next(row for row in record["layers"] if row["layer"] == record["ranking"][0])
+    row["top_features"][0]["feature"] = index
+
+
+def remove_task_features(record) -> None:
+    row = next(row for row in record["layers"] if row["layer"] == record["ranking"][0])
+    for item in row["top_features"]:
+        item["specificity"] = -abs(item["specificity"])
+
+
+def empty_ranking(record) -> None:
+    record["ranking"] = []
+    for row in record["layers"]:
+        row["score"] = row["rank"] = None
+
+
+def rank_layer_45(record) -> None:
+    record["layers"].append({**record["layers"][0], "layer": 45})
+    record["ranking"] = [45, *record["ranking"]]
+
+
+SCORES_CASES = {
+    "no layers key": (lambda record: record.pop("layers"), [], "not a valid layer-scores file: missing or malformed `layers`"),
+    "layers not a list": (lambda record: record.update(layers=3), [], "malformed `layers`"),
+    "feature beyond width": (lambda record: set_top_feature(record, 99999), ["--project", "sae"],
+                             "lists feature 99999 for layer"),
+    "no task features": (remove_task_features, ["--project", "sae"], "has no task features in the scores file"),
+    "empty ranking": (empty_ranking, [], "the scores file ranks no layer"),
+    "layer beyond base": (rank_layer_45, [], "the scores file ranks layer 45, but the base has 4"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCORES_CASES))
+def test_apply_rejects_bad_scores_file(setup, tmp_path, case):
+    edit, options, message = SCORES_CASES[case]
+    scores = edited_scores(setup, tmp_path, edit)
+    if options:
+        options = [*options, "--sae", setup["saes"]]
+    output = tmp_path / "out" / "edited"
+    result = invoke("edit", "apply", "--base", setup["model"], "--vector", setup["vector"], "--select", "top-k",
+                    "--k", 1, "--scores", scores, *options, "-o", output)
+
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not output.parent.exists() or list(output.parent.iterdir()) == []
+
+
+def test_apply_rejects_selection_without_tensors(setup, tmp_path):
+    from llmforge.checkpoint import save_task_vector
+    from llmforge.models import model_digest
+
+    vector = tmp_path / "layer1.safetensors"
+    save_task_vector(vector, {"model.layers.1.mlp.down_proj.weight": torch.ones(HIDDEN, 64)},
+                     base_digest=model_digest(str(setup["model"]), cache=setup["cache"]), tuned_digest="sha256:tuned",
+                     extra={"layout": "dense"})
+    output = tmp_path / "out" / "edited"
+    result = invoke("edit", "apply", "--base", setup["model"], "--vector", vector, "--select", "0", "-o", output)
+
+    assert result.exit_code == 1, result.output
+    assert "the merge would change no tensor" in result.output
+    assert list(output.parent.iterdir()) == []
+
+
+def test_apply_warns_unused_scores_and_sae(setup, tmp_path, caplog):
+    request = ApplyRequest(base=str(setup["model"]), vector=setup["vector"], select="1", output=tmp_path / "edited",
+                           scores=setup["scores"], sae_dir=setup["saes"])
+    with caplog.at_level("WARNING"):
+        apply_vector(request, cache=setup["cache"])
+
+    assert "--scores has no effect with --select 1" in caplog.text
+    assert "--sae has no effect without --project sae" in caplog.text
+
+
+def test_random_k_projection_draws_sae_layers(setup, tmp_path, caplog):
+    directory = tmp_path / "two-saes"
+    for layer in (1, 2):
+        (directory / hook_name(layer)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(setup["saes"] / hook_name(layer), directory / hook_name(layer))
+    request = ApplyRequest(base=str(setup["model"]), vector=setup["vector"], select="random-k", k=2,
+                           output=tmp_path / "edited", scores=setup["scores"], project="sae", sae_dir=directory,
+                           seed=0)
+    with caplog.at_level("WARNING"):
+        record = apply_vector(request, cache=setup["cache"])
+
+    assert record["selected_layers"] == [1, 2]
+    assert "random-k draws from the 2 layers that have an SAE" in caplog.text
 
 
 # The real model

@@ -159,6 +159,7 @@ def test_vector_spec_defaults_and_colon_in_path():
     ("tv.safetensors:weight=abc", "invalid weight 'abc'"),
     ("tv.safetensors:scale=2", "invalid --vector option 'scale=2'"),
     ("tv.safetensors:weight=nan", "finite"),
+    ("tv.safetensors:weight=1,weight=2", "sets weight twice"),
 ])
 def test_vector_spec_rejects(text, message):
     with pytest.raises(ForgeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

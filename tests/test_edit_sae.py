@@ -13,7 +13,7 @@ import torch
 from conftest import FORGE
 from llmforge.errors import ForgeError
 from llmforge_edit.activations import (ActivationRequest, ModelShape, TextSource, cached_activations, hook_name,
-                                       parse_layers)
+                                       parse_layers, tokenize_texts)
 from llmforge_edit.sae import TrainSettings, explained_variance, initial_sae, topk_gradients, train_sae
 from llmforge_edit.saelens import read_sae, read_sae_set, saelens_config, write_sae
 
@@ -248,6 +248,88 @@ def test_info_width_mismatch_exits_1(tiny_model_dir, text_data, tmp_path, forge_
     assert "the SAE for layer 1" in result.stderr
     assert "d_in=32" in result.stderr
     assert "hidden size is 48" in result.stderr
+
+
+# Long texts, small data sets and small budgets
+
+
+class WordTokenizer:
+    """Splits on spaces into ids 10, 11, ...; puts BOS id 1 in front when `bos` is set."""
+
+    def __init__(self, bos: bool):
+        self.bos_token_id = 1 if bos else None
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [10 + index for index, _ in enumerate(text.split())]
+        return {"input_ids": ([1] if self.bos_token_id is not None else []) + ids}
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_tokenize_splits_long_text_into_windows(bos):
+    sequences, total = tokenize_texts([" ".join(["w"] * 25)], WordTokenizer(bos), max_length=10, token_budget=1000,
+                                      skip_bos=True)
+
+    assert total == 25
+    assert all(len(ids) <= 10 for ids in sequences)
+    assert [ids[0] == 1 for ids in sequences] == [bos] * len(sequences)
+    body = [token for ids in sequences for token in (ids[1:] if bos else ids)]
+    assert body == list(range(10, 35))
+
+
+def test_tokenize_stops_at_budget():
+    sequences, total = tokenize_texts([" ".join(["w"] * 50)], WordTokenizer(True), max_length=10, token_budget=20,
+                                      skip_bos=True)
+
+    assert total == 20
+    assert len(sequences) == 3
+
+
+def test_one_paragraph_file_gives_many_tokens(tiny_model_dir, tmp_path):
+    path = tmp_path / "one-record.txt"
+    rng = random.Random(2)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(60)) + "\n")
+    request = ActivationRequest(str(tiny_model_dir), TextSource(str(path)), tokens=400, max_length=64, progress=False)
+    activations, description = cached_activations(request, [0])
+
+    assert description["tokens"] == 400
+    assert activations[0].shape[0] == 400
+
+
+def test_short_data_warns_with_both_counts(tiny_model_dir, tmp_path, caplog):
+    path = tmp_path / "short.txt"
+    path.write_text("river stone light garden\n", encoding="utf-8")
+    request = ActivationRequest(str(tiny_model_dir), TextSource(str(path)), tokens=5000, max_length=64, progress=False)
+    with caplog.at_level("WARNING"):
+        _, description = cached_activations(request, [0])
+
+    assert description["tokens"] < 5000
+    assert f"collected {description['tokens']} of the 5000 tokens asked for by --tokens" in caplog.text
+
+
+def test_train_sae_rejects_too_few_tokens():
+    x, _ = synthetic_activations(300)
+    with pytest.raises(ForgeError, match="only 300 activation tokens; SAE training needs at least 400"):
+        train_sae(x, TrainSettings(expansion=2, k=4, steps=2, batch_size=64, dtype="fp32"))
+
+
+def test_train_command_rejects_small_budget(tiny_model_dir, text_data, tmp_path, forge_env):
+    output = tmp_path / "saes"
+    result = run_forge("edit", "sae", "train", "--model", str(tiny_model_dir), "--data", str(text_data),
+                       "--layers", "1", "--tokens", "19", "-o", str(output), "--quiet", env=forge_env)
+
+    assert result.returncode == 1
+    assert "invalid --tokens 19" in result.stderr
+    assert not output.exists()
+
+
+def test_train_command_warns_few_steps(tiny_model_dir, text_data, tmp_path, forge_env):
+    output = tmp_path / "saes"
+    result = run_forge("edit", "sae", "train", "--model", str(tiny_model_dir), "--data", str(text_data),
+                       "--layers", "1", "--tokens", "1000", "--expansion", "2", "--k", "4", "-o", str(output),
+                       "--quiet", env=forge_env)
+
+    assert result.returncode == 0, result.stderr
+    assert "1000 tokens give only 1 Adam steps per layer" in result.stderr
 
 
 # The real model

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -316,6 +319,9 @@ def full_vector(tiny_model_dir, tuned_models, tmp_path, forge_env) -> Path:
     (["--layers", "0-2"], "layer 2 in --layers is out of range"),
     (["--modules", "qproj"], "--modules 'qproj' matches no tensor"),
     (["--lambda", "inf"], "invalid --lambda inf"),
+    (["--modules", "embed_tokens", "--layers", "0"], "the merge would change no tensor"),
+    (["--method", "ties", "--vector-options", ":weight=0"], "every update of the"),
+    (["--lambda", "0"], "every update of the"),
 ])
 def test_merge_rejects_bad_options(tiny_model_dir, full_vector, tmp_path, forge_env, options, message):
     suffix = options[options.index("--vector-options") + 1] if "--vector-options" in options else ""
@@ -350,6 +356,68 @@ def test_merge_rejects_non_vector_file(tiny_model_dir, tmp_path, forge_env):
     result = forge("edit", "merge", "--base", tiny_model_dir, "--vector", tiny_model_dir / "model.safetensors",
                    "-o", output, env=forge_env, check=False)
     assert_rejected(result, "is not a forge task vector", output)
+
+
+def test_merge_records_normalize_used(tiny_model_dir, full_vector, tmp_path, forge_env):
+    output = tmp_path / "merged"
+    forge("edit", "merge", "--base", tiny_model_dir, "--vector", full_vector, "--method", "ties", "-o", output,
+          env=forge_env)
+
+    assert json.loads((output / "forge_run.json").read_text())["normalize"] is True
+
+
+@pytest.mark.parametrize("input_file", ["adapter", "base"])
+def test_diff_rejects_output_inside_input(tiny_model_dir, tuned_models, tmp_path, forge_env, input_file):
+    from llmforge.checkpoint import file_digest
+
+    copy = tmp_path / "lora-copy"
+    shutil.copytree(tuned_models["lora"], copy)
+    target = copy / "adapter_model.safetensors" if input_file == "adapter" else tiny_model_dir / "model.safetensors"
+    before = file_digest(target)
+    result = forge("edit", "diff", "--base", tiny_model_dir, "--tuned", copy, "-o", target, "--overwrite",
+                   env=forge_env, check=False)
+
+    assert result.returncode == 1, result.stderr
+    assert "an input of this diff" in result.stderr
+    assert file_digest(target) == before
+
+
+def save_wide_llama(directory: Path, tokenizer_dir: Path) -> Path:
+    """A 1-layer Llama whose 49152 x 256 embedding makes a merge take long enough to signal it mid-write."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_sigterm_removes_temporary_output(smollm2_tokenizer_dir, tmp_path, forge_env):
+    from llmforge.checkpoint import save_task_vector
+    from llmforge.models import model_digest
+
+    base = save_wide_llama(tmp_path / "wide", smollm2_tokenizer_dir)
+    vector = tmp_path / "tv.safetensors"
+    save_task_vector(vector, {name: torch.full(tensor.shape, 0.01) for name, tensor in read_weights(base).items()},
+                     base_digest=model_digest(str(base)), tuned_digest="sha256:tuned", extra={"layout": "dense"})
+    output = tmp_path / "out" / "merged"
+    output.parent.mkdir()
+    # ties is not elementwise, so it merges each tensor whole from stacked copies of the four updates.
+    # The write then lasts seconds on one thread, and the poll below checks every 5 ms.
+    command = [str(FORGE), "edit", "merge", "--base", str(base), *["--vector", str(vector)] * 4, "--method", "ties",
+               "-o", str(output)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=forge_env)
+    deadline = time.monotonic() + 120
+    while not list(output.parent.glob(".merged.*.tmp")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 143, stderr
+    assert "Terminated." in stderr
+    assert list(output.parent.iterdir()) == []
 
 
 # The real model

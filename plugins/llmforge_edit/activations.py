@@ -14,6 +14,7 @@ reconstruction error.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -23,9 +24,12 @@ from llmforge.errors import ForgeError
 if TYPE_CHECKING:
     import torch
 
+logger = logging.getLogger(__name__)
+
 ACTIVATION_KIND = "edit-sae-activations"
 # Bump when the collected tensors change for the same inputs, so old cache entries are not reused.
-ACTIVATION_VERSION = 2
+# Version 3 splits a long text into windows of max_length tokens; version 2 cut it to its first window.
+ACTIVATION_VERSION = 3
 HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
 MODEL_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
@@ -102,6 +106,21 @@ class TextSource:
 
         return file_digest(resolve_data_path(self.data))
 
+    def check(self) -> None:
+        """Raise ForgeError unless the data file exists, has a known file format and contains records.
+
+        Reads the file but loads no tokenizer, so a bad data set fails before any model runs.
+        """
+        from llmforge.data import read_records, resolve_data_path
+        from llmforge.readers import READ_FORMATS
+
+        path = resolve_data_path(self.data)
+        suffix = path.suffix.lower().lstrip(".")
+        if suffix not in (*READ_FORMATS, "text"):
+            raise ForgeError(f"cannot tell the file format of {self.data} from its suffix {path.suffix!r}; rename "
+                             f"it to one of: {', '.join('.' + name for name in READ_FORMATS)} (.txt for plain text)")
+        read_records(path)
+
     def texts(self, tokenizer) -> list[str]:
         """Return one text per record: the example's prompt followed by its completion.
 
@@ -117,6 +136,8 @@ class TextSource:
             if "empty completion" not in str(error):
                 raise
             examples = [self._example(records, index, tokenizer) for index in range(len(records))]
+        if not any(example.prompt + example.completion for example in examples):
+            raise ForgeError(f"every record of {self.data} renders to an empty text; check the file and --format")
         return [example.prompt + example.completion for example in examples if example.prompt + example.completion]
 
     def _options(self) -> dict[str, Any]:
@@ -142,29 +163,48 @@ class TextSource:
                 raise
             # The prompt alone: render the record with a placeholder completion and drop it again.
             record = {**records[index], "output": " ", "completion": " ", "answer": " "}
-            example = to_examples([record], tokenizer, **self._options())[0]
+            try:
+                example = to_examples([record], tokenizer, **self._options())[0]
+            except ForgeError as second:
+                if "empty completion" not in str(second):
+                    raise
+                return Example("", "")  # an empty text record: nothing to collect, so it is skipped
             return Example(example.prompt, "")
 
 
 def tokenize_texts(texts: Sequence[str], tokenizer, *, max_length: int, token_budget: int,
                    skip_bos: bool) -> tuple[list[list[int]], int]:
-    """Tokenize texts (cut to max_length tokens) until `token_budget` collected tokens are reached.
+    """Tokenize texts into sequences of at most max_length tokens until `token_budget` tokens are collected.
 
-    Returns the sequences and the number of tokens they contribute. With `skip_bos`, a leading
-    BOS token is not counted, because its activation is not collected.
+    A text longer than max_length becomes consecutive windows, each its own sequence, so a long
+    document yields all its tokens and not only the first max_length. When the tokenizer puts a
+    BOS token in front of a text, every window starts with BOS, so each window has the same kind
+    of first position and `skip_bos` drops the BOS activation of each. With `skip_bos`, a leading
+    BOS token is not counted, because its activation is not collected. Returns the sequences and
+    the number of tokens they contribute.
     """
     bos = tokenizer.bos_token_id
     sequences, total = [], 0
     for text in texts:
-        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])[:max_length]
-        counted = len(ids) - (1 if skip_bos and ids and ids[0] == bos else 0)
-        if counted <= 0:
-            continue
-        sequences.append(ids)
-        total += counted
-        if total >= token_budget:
-            break
-    return sequences, min(total, token_budget)
+        for ids in _windows(list(tokenizer(text, add_special_tokens=True)["input_ids"]), bos, max_length):
+            counted = len(ids) - (1 if skip_bos and ids[0] == bos else 0)
+            if counted <= 0:
+                continue
+            sequences.append(ids)
+            total += counted
+            if total >= token_budget:
+                return sequences, token_budget
+    return sequences, total
+
+
+def _windows(ids: list[int], bos: int | None, max_length: int) -> list[list[int]]:
+    """Split token ids into windows of at most max_length tokens, each starting with BOS when `ids` does."""
+    prefix = [bos] if bos is not None and ids[:1] == [bos] else []
+    body = ids[len(prefix):]
+    step = max_length - len(prefix)
+    if not body:
+        return [prefix] if prefix else []
+    return [prefix + body[start:start + step] for start in range(0, len(body), step)]
 
 
 # Collecting
@@ -304,6 +344,9 @@ def cached_activations(request: ActivationRequest, layers: Sequence[int], cache=
 
     description = {"model_digest": digest, "data_digest": data_digest, "layers_from_cache": len(layers) - len(missing),
                    "tokens": int(next(iter(activations.values())).shape[0]) if activations else 0}
+    if activations and description["tokens"] < request.tokens:
+        logger.warning("%s: collected %d of the %d tokens asked for by --tokens; the data set has no more text",
+                       request.source.data, description["tokens"], request.tokens)
     return activations, description
 
 

@@ -57,11 +57,11 @@ PROJECTED_VECTOR_NAME = "projected_task_vector.safetensors"
 
 
 def choose_layers(select: str, k: int | None, *, num_layers: int, scores: dict | None = None,
-                  seed: int = 0) -> list[int]:
+                  seed: int = 0, candidates: list[int] | None = None) -> list[int]:
     """Return the sorted decoder layers that --select and --k choose.
 
     top-k and bottom-k rank the layers of `scores` (a scores file); random-k samples without
-    replacement from all `num_layers` layers with `random.Random(seed)`.
+    replacement with `random.Random(seed)` from `candidates` (default: all `num_layers` layers).
     """
     if select not in SELECTIONS:
         return parse_layers(select, num_layers, option="--select")
@@ -75,11 +75,21 @@ def choose_layers(select: str, k: int | None, *, num_layers: int, scores: dict |
             raise ForgeError(f"--select {select} ranks layers by their scores; pass --scores FILE from "
                              "`forge edit layers -o FILE`")
         ranking = list(scores["ranking"])
+        if not ranking:
+            raise ForgeError("the scores file ranks no layer, because no layer passed --min-rate in `forge edit "
+                             "layers`; score again with more task text or a lower --min-rate")
+        outside = [layer for layer in ranking if not 0 <= layer < num_layers]
+        if outside:
+            raise ForgeError(f"the scores file ranks layer {outside[0]}, but the base has {num_layers} decoder "
+                             "layers; pass the scores of this base")
         _check_k(k, len(ranking), "the scores file ranks")
         return sorted(ranking[:k] if select == "top-k" else ranking[-k:])
 
-    _check_k(k, num_layers, "the base has")
-    return sorted(random.Random(seed).sample(range(num_layers), k))
+    if candidates is None:
+        _check_k(k, num_layers, "the base has")
+        return sorted(random.Random(seed).sample(range(num_layers), k))
+    _check_k(k, len(candidates), "the SAE directory has SAEs for")
+    return sorted(random.Random(seed).sample(sorted(candidates), k))
 
 
 def _check_k(k: int, available: int, owner: str) -> None:
@@ -172,18 +182,17 @@ def project_vector(vector, layers: list[int], bases: dict[int, "torch.Tensor"],
     return tensors, report
 
 
-def projection_bases(sae_dir: Path, scores: dict, layers: list[int], model: str) -> tuple[dict[int, "torch.Tensor"], list[dict]]:
+def projection_bases(sae_dir: Path, scores: dict, layers: list[int], saes: dict) -> tuple[dict[int, "torch.Tensor"], list[dict]]:
     """Return the basis P of each chosen layer from its SAE and its top task features in the scores file.
 
-    Raises ForgeError when a layer has no SAE or no scores, or when its SAE is not the one that
-    the scores were computed with (another width or other weights), so feature indices would not match.
+    `saes` is `read_layer_saes(sae_dir, model)`. Raises ForgeError when a layer has no SAE, no
+    scores or no task feature (s_j > 0), or when its SAE is not the one that the scores were
+    computed with (another width or other weights), so feature indices would not match.
     """
     from llmforge.checkpoint import file_digest
 
-    from llmforge_edit.layers import read_layer_saes
     from llmforge_edit.saelens import SAE_WEIGHTS_NAME
 
-    saes = read_layer_saes(sae_dir, model)
     scored = {row["layer"]: row for row in scores["layers"]}
     recorded = {entry["layer"]: entry for entry in scores["saes"]}
     bases, features = {}, []
@@ -193,6 +202,9 @@ def projection_bases(sae_dir: Path, scores: dict, layers: list[int], model: str)
         if layer not in scored:
             raise ForgeError(f"--project sae: the scores file has no scores for layer {layer}; score it with "
                              "`forge edit layers` first")
+        if layer not in recorded:
+            raise ForgeError(f"--project sae: the scores file lists no SAE for layer {layer} in `saes`; write it "
+                             "again with `forge edit layers -o FILE`")
         sae = saes[layer].sae
         if sae.d_sae != recorded[layer]["d_sae"]:
             raise ForgeError(f"the SAE for layer {layer} in {sae_dir} has d_sae={sae.d_sae}, but the scores were "
@@ -202,6 +214,13 @@ def projection_bases(sae_dir: Path, scores: dict, layers: list[int], model: str)
                              f"with ({recorded[layer]['path']}); pass that SAE directory or score again")
 
         indices = [item["feature"] for item in scored[layer]["top_features"] if item["specificity"] > 0]
+        if not indices:
+            raise ForgeError(f"--project sae: layer {layer} has no task features in the scores file (no top feature "
+                             "with s_j > 0), so the projection would remove all of tau there; choose other layers")
+        outside = [index for index in indices if not 0 <= index < sae.d_sae]
+        if outside:
+            raise ForgeError(f"the scores file lists feature {outside[0]} for layer {layer}, but its SAE has "
+                             f"d_sae={sae.d_sae} features; pass the scores and SAEs of one `forge edit layers` run")
         bases[layer] = feature_basis(sae.W_dec[indices])
         features.append({"layer": layer, "features": indices})
     return bases, features
@@ -242,6 +261,12 @@ def _check_inputs(request: ApplyRequest, base_digest: str) -> dict | None:
                          "from the scores file span the subspace")
     if request.k is not None and (request.select == "all" or request.select not in SELECTIONS):
         logger.warning("--k %d has no effect with --select %s; it is ignored", request.k, request.select)
+    if request.project is None:
+        if request.scores is not None and request.select not in RANKED_SELECTIONS:
+            logger.warning("--scores has no effect with --select %s and no --project; it is only recorded",
+                           request.select)
+        if request.sae_dir is not None:
+            logger.warning("--sae has no effect without --project sae; it is ignored")
 
     with TaskVectorFile(request.vector) as vector:
         if vector.base_digest != base_digest:
@@ -278,6 +303,7 @@ def apply_vector(request: ApplyRequest, command: list[str] | None = None, cache=
     from llmforge.models import model_digest, resolve
 
     from llmforge_edit.activations import model_shape
+    from llmforge_edit.layers import read_layer_saes
 
     cache = cache or Cache()
     if resolve(request.base, cache=cache).is_adapter:
@@ -285,9 +311,16 @@ def apply_vector(request: ApplyRequest, command: list[str] | None = None, cache=
     base_digest = model_digest(request.base, cache=cache)
     scores = _check_inputs(request, base_digest)
     shape = model_shape(request.base, cache=cache)
-    layers = choose_layers(request.select, request.k, num_layers=shape.num_layers, scores=scores, seed=request.seed)
+    saes = read_layer_saes(request.sae_dir, request.base) if request.project is not None else {}
+    candidates = None
+    if request.project is not None and request.select == "random-k":
+        candidates = sorted(saes)
+        logger.warning("--project sae: random-k draws from the %d layers that have an SAE in %s",
+                       len(candidates), request.sae_dir)
+    layers = choose_layers(request.select, request.k, num_layers=shape.num_layers, scores=scores, seed=request.seed,
+                           candidates=candidates)
     whole = request.select == "all" and request.project is None
-    bases, features = (projection_bases(request.sae_dir, scores, layers, request.base)
+    bases, features = (projection_bases(request.sae_dir, scores, layers, saes)
                        if request.project is not None else ({}, []))
     check_output_directory(request.output, overwrite=request.overwrite)
 

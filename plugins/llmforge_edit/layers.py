@@ -135,6 +135,7 @@ class LayerScoreRequest:
     eps: float = DEFAULT_EPS
     output: Path | None = None
     plot: Path | None = None
+    overwrite: bool = False
     progress: bool = True
 
 
@@ -150,9 +151,13 @@ def check_request(request: LayerScoreRequest) -> None:
         raise ForgeError(f"invalid --eps {request.eps}; give a small positive number such as 1e-6")
     if request.tokens < 2 or request.max_length < 2:
         raise ForgeError(f"invalid --tokens {request.tokens} or --max-length {request.max_length}; both must be at least 2")
-    for path in (request.output, request.plot):
+    for path, option in ((request.output, "-o"), (request.plot, "--plot")):
         if path is not None and Path(path).is_dir():
             raise ForgeError(f"output path {path} is a directory; give a file name")
+        if path is not None and Path(path).exists() and not request.overwrite:
+            raise ForgeError(f"{option} file {path} already exists; choose another path or pass --overwrite")
+    if request.output is not None and request.plot is not None and Path(request.output).resolve() == Path(request.plot).resolve():
+        raise ForgeError(f"-o and --plot name the same file {request.output}; give two paths")
 
 
 def read_layer_saes(sae_dir: Path, model: str) -> dict[int, Any]:
@@ -199,6 +204,11 @@ def score_layers(request: LayerScoreRequest, command: list[str] | None = None, c
     from llmforge_edit.saelens import SAE_WEIGHTS_NAME
 
     check_request(request)
+    for source, option in ((request.task, "--task-data"), (request.general, "--general-data")):
+        try:
+            source.check()
+        except ForgeError as error:
+            raise ForgeError(f"{option}: {error}") from None
     cache = cache or Cache()
     saes = read_layer_saes(request.sae_dir, request.model)
 
@@ -260,7 +270,34 @@ def read_layer_scores(path: Path) -> dict[str, Any]:
     if record.get("format_version") != SCORES_FORMAT_VERSION:
         raise ForgeError(f"{path} has layer-scores format version {record.get('format_version')!r}; this forge "
                          f"reads version {SCORES_FORMAT_VERSION}")
+    problem = _scores_problem(record)
+    if problem is not None:
+        raise ForgeError(f"{path} is not a valid layer-scores file: {problem}; write it again with "
+                         "`forge edit layers -o FILE`")
     return record
+
+
+def _scores_problem(record: dict[str, Any]) -> str | None:
+    """Describe the first missing or malformed field that `forge edit apply` reads, or return None."""
+    rows, ranking, saes = record.get("layers"), record.get("ranking"), record.get("saes")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        return "missing or malformed `layers` (a list of per-layer objects)"
+    if not isinstance(ranking, list) or not all(isinstance(layer, int) for layer in ranking):
+        return "missing or malformed `ranking` (a list of layer indices)"
+    if not isinstance(saes, list) or not all(isinstance(entry, dict) and isinstance(entry.get("layer"), int)
+                                             and isinstance(entry.get("d_sae"), int) for entry in saes):
+        return "missing or malformed `saes` (a list of objects with layer and d_sae)"
+    for row in rows:
+        if not isinstance(row.get("layer"), int) or not isinstance(row.get("top_features"), list):
+            return f"the entry {json.dumps(row)[:80]} in `layers` lacks an integer `layer` or a `top_features` list"
+        for item in row["top_features"]:
+            if not (isinstance(item, dict) and isinstance(item.get("feature"), int)
+                    and isinstance(item.get("specificity"), (int, float))):
+                return f"layer {row['layer']} has a top feature without an integer `feature` and a `specificity`"
+    scored = {row["layer"] for row in rows}
+    if not set(ranking) <= scored:
+        return f"`ranking` lists layers {sorted(set(ranking) - scored)} that `layers` does not score"
+    return None
 
 
 def plot_scores(record: dict[str, Any], path: Path) -> None:

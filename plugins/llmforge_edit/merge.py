@@ -299,14 +299,16 @@ class MergePlan:
             yield start, stop, merged.mul_(self.scale) if self.scale != 1 else merged
 
 
-def write_merged_weights(base_dir: Path, directory: Path, selected: set[str], plan: MergePlan) -> None:
+def write_merged_weights(base_dir: Path, directory: Path, selected: set[str], plan: MergePlan) -> set[str]:
     """Write each base safetensors file to `directory` with base + lambda * update for the selected tensors.
 
     A file is written front to back from its header, one tensor or block of rows at a time.
     Tensors outside `selected` are copied byte for byte. Merged tensors keep the base dtype.
+    Returns the names of the selected tensors whose update has a nonzero entry.
     """
     import torch
 
+    changed: set[str] = set()
     for path in sorted(base_dir.glob("*.safetensors")):
         with SafetensorsFile(path) as base, open(directory / path.name, "wb") as handle:
             names = sorted(base.names(), key=lambda name: base.byte_range(name)[0])
@@ -317,10 +319,13 @@ def write_merged_weights(base_dir: Path, directory: Path, selected: set[str], pl
                     writer.copy_from(base, name)
                     continue
                 for start, stop, update in plan.update_blocks(name, base.shape(name)):
+                    if name not in changed and bool(update.any()):
+                        changed.add(name)
                     rows = as_torch(base.read(name, start, stop), base.dtype(name))
                     merged = rows.to(torch.float32).add_(update).to(rows.dtype)
                     writer.write(tensor_buffer(merged))
             writer.finish()
+    return changed
 
 
 def copy_tokenizer(base_dir: Path, directory: Path, reference: str, cache) -> None:
@@ -360,10 +365,14 @@ def parse_vector_spec(text: str) -> VectorSpec:
         path, options = text, ""
     spec = VectorSpec(Path(path))
 
+    seen_keys: set[str] = set()
     for option in (piece.strip() for piece in options.split(",") if piece.strip()):
         key, equals, value = option.partition("=")
         if not equals or key.strip() not in ("weight", "density"):
             raise ForgeError(f"invalid --vector option {option!r} in {text!r}; use PATH:weight=W,density=D")
+        if key.strip() in seen_keys:
+            raise ForgeError(f"--vector {text!r} sets {key.strip()} twice; give each option once")
+        seen_keys.add(key.strip())
         try:
             number = float(value)
         except ValueError:
@@ -465,6 +474,15 @@ def _merge_method(request: MergeRequest) -> Callable:
     return method
 
 
+def _normalize_used(request: MergeRequest) -> bool | None:
+    """Return the normalization the method applies: --normalize, else the built-in default; None for a plugin's own default."""
+    if request.normalize is not None:
+        return request.normalize
+    if request.method in BUILTIN_MERGE_METHODS:
+        return request.method == "ties"
+    return None
+
+
 def run_merge(request: MergeRequest, command: list[str] | None = None, cache=None) -> dict:
     """Validate the request, write base + lambda * merged update as an HF model directory, and return the run record.
 
@@ -491,6 +509,9 @@ def run_merge(request: MergeRequest, command: list[str] | None = None, cache=Non
         for vector, spec in zip(vectors, request.vectors):
             _check_vector(vector, spec, base_digest, request.base, base)
         names = _select_tensors(request, base, resolved.path, vectors)
+        if not names:
+            raise ForgeError("the merge would change no tensor: the vectors update no tensor that --layers and "
+                             "--modules select; check those filters against the vectors' tensor names")
         # The vectors' file digests (a SHA-256 pass over each file unless cached) are computed on
         # another thread while this one merges. hashlib releases the GIL while it hashes large buffers.
         hashing = stack.enter_context(ThreadPoolExecutor(max_workers=1))
@@ -498,17 +519,23 @@ def run_merge(request: MergeRequest, command: list[str] | None = None, cache=Non
         plan = MergePlan(vectors, [spec.weight for spec in request.vectors], [spec.density for spec in request.vectors],
                          method, scale=request.scale, seed=request.seed, normalize=request.normalize)
 
+        # NOTE: SIGKILL (or a crash of the machine) leaves the hidden .NAME.xxxx.tmp staging directory
+        # beside the output, and nothing removes it later. SIGINT and SIGTERM remove it.
         with atomic_directory(request.output, overwrite=request.overwrite) as directory:
             for name in MODEL_FILES:
                 if (resolved.path / name).is_file():
                     shutil.copyfile(resolved.path / name, directory / name)
-            write_merged_weights(resolved.path, directory, set(names), plan)
+            changed = write_merged_weights(resolved.path, directory, set(names), plan)
+            if not changed:
+                # Raised inside the atomic directory, so the copy of the base is removed again.
+                raise ForgeError(f"the merge would change no tensor: every update of the {len(names)} selected "
+                                 "tensors is zero; check the vectors (not all zero), the weights and --lambda (not 0)")
             copy_tokenizer(resolved.path, directory, request.base, cache)
             _complete_config(directory)
             record = run_record(
                 command, base_reference=stored_reference(request.base), base_digest=base_digest,
-                method=request.method, normalize=request.normalize, seed=request.seed,
-                layers=request.layers, modules=request.modules, merged_tensors=len(names),
+                method=request.method, normalize=_normalize_used(request), seed=request.seed,
+                layers=request.layers, modules=request.modules, merged_tensors=len(changed),
                 vectors=[{"path": str(spec.path.resolve()), "file_digest": digest,
                           "tuned_digest": vector.tuned_digest, "layout": vector.layout, "weight": spec.weight,
                           "density": spec.density}

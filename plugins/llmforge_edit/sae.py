@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 ARCHITECTURES = ("topk", "standard", "jumprelu")
 COMPUTE_DTYPES = ("bf16", "fp32")
 HELD_OUT_FRACTION = 0.05
+# The explained variance is measured on the held-out tokens. Below 20 of them it is too noisy to report
+# (one held-out token gave -8.6e14), so training needs at least 20 / 0.05 = 400 activation tokens.
+MIN_HELD_OUT_TOKENS = 20
+MIN_TRAINING_TOKENS = math.ceil(MIN_HELD_OUT_TOKENS / HELD_OUT_FRACTION)
 RESAMPLE_UNTIL = 0.8
 RESAMPLE_ENCODER_SCALE = 0.2
 EVAL_CHUNK = 8192
@@ -309,8 +313,10 @@ def train_sae(activations: "torch.Tensor", settings: TrainSettings,
     generator = torch.Generator().manual_seed(settings.seed)
     count, d_in = activations.shape
     held_out = max(1, int(count * HELD_OUT_FRACTION))
-    if count - held_out < 1:
-        raise ForgeError(f"only {count} activation tokens; SAE training needs at least 2 (raise --tokens)")
+    if count < MIN_TRAINING_TOKENS:
+        raise ForgeError(f"only {count} activation tokens; SAE training needs at least {MIN_TRAINING_TOKENS}, so that "
+                         f"{MIN_HELD_OUT_TOKENS} held-out tokens measure the explained variance (raise --tokens or "
+                         "give more text)")
     permutation = torch.randperm(count, generator=generator)
     train_rows, held_out_rows = permutation[held_out:], permutation[:held_out]
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ import click
 from llmforge.cli import parse_columns, print_json, silence_progress_bars
 
 RECORD_SCHEMA = "llmforge.edit.sae/1"
+# Fewer optimizer steps than this per layer draw a warning; the run measured in docs/edit.md used 150.
+FEW_STEPS = 50
 FORMATS = ["auto", "text", "prompt-completion", "instruction", "chat"]
 
 
@@ -35,6 +38,18 @@ class SAETrainRequest:
     progress: bool = True
 
 
+def _warn_few_steps(settings, tokens: int) -> None:
+    """Warn when the settings give fewer than FEW_STEPS optimizer steps per layer on `tokens` activations."""
+    from llmforge_edit.sae import HELD_OUT_FRACTION
+
+    steps = settings.total_steps(tokens - max(1, int(tokens * HELD_OUT_FRACTION)))
+    if steps < FEW_STEPS:
+        logging.getLogger(__name__).warning(
+            "%d tokens give only %d Adam steps per layer at --batch-size %d and --epochs %g; the SAE will be far "
+            "from converged. Raise --tokens or --epochs, lower --batch-size, or set --steps", tokens, steps,
+            settings.batch_size, settings.epochs)
+
+
 def train_saes(request: SAETrainRequest, settings, command: list[str] | None = None) -> dict[str, Any]:
     """Collect (or reuse) the activations, train one SAE per layer, write them atomically; return the summary."""
     from llmforge.checkpoint import RUN_RECORD_NAME, atomic_directory, check_output_directory, run_record, write_json
@@ -42,18 +57,22 @@ def train_saes(request: SAETrainRequest, settings, command: list[str] | None = N
     from llmforge.models import load_tokenizer, stored_reference
 
     from llmforge_edit.activations import ActivationRequest, TextSource, cached_activations, hook_name, model_shape, parse_layers
-    from llmforge_edit.sae import train_sae
+    from llmforge_edit.sae import MIN_TRAINING_TOKENS, train_sae
     from llmforge_edit.saelens import saelens_config, write_sae
 
     settings.check()
-    if request.tokens < 2 or request.max_length < 2:
-        raise ForgeError(f"invalid --tokens {request.tokens} or --max-length {request.max_length}; both must be at least 2")
+    if request.tokens < MIN_TRAINING_TOKENS:
+        raise ForgeError(f"invalid --tokens {request.tokens}; SAE training needs at least {MIN_TRAINING_TOKENS} "
+                         "tokens, so that the held-out share measures the explained variance")
+    if request.max_length < 2:
+        raise ForgeError(f"invalid --max-length {request.max_length}; it must be at least 2")
     check_output_directory(request.output, overwrite=request.overwrite)
     layers = parse_layers(request.layers, model_shape(request.model).num_layers)
     source = TextSource(request.data, request.fmt, request.columns)
     activation_request = ActivationRequest(request.model, source, tokens=request.tokens, max_length=request.max_length,
                                            skip_bos=request.skip_bos, dtype=settings.dtype, progress=request.progress)
     activations, description = cached_activations(activation_request, layers)
+    _warn_few_steps(settings, description["tokens"])
 
     results = {}
     for layer in layers:
@@ -139,7 +158,7 @@ def sae_group() -> None:
 @click.option("--layers", default="all", show_default=True, help="Decoder layers: all, 0,4,8 or ranges such as 2-5.")
 @click.option("--tokens", type=int, default=200_000, show_default=True,
               help="Token budget: activations collected per layer (5% are held out for explained variance).")
-@click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per text; longer texts are cut.")
+@click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per sequence; a longer text is split into consecutive windows of this length.")
 @click.option("--skip-bos/--keep-bos", default=True, show_default=True,
               help="Leave out the activation of a leading BOS token, whose norm is far above the others.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True,

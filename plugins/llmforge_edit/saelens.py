@@ -114,6 +114,9 @@ def _read_weights(directory, config: dict, architecture: str) -> SparseAutoencod
     k = config.get("k") or (config.get("activation_fn_kwargs") or {}).get("k")
     if architecture == "topk" and not isinstance(k, int):
         raise ForgeError(f"{directory}: a topk SAE needs k in cfg.json (k or activation_fn_kwargs.k)")
+    if architecture == "topk" and not 1 <= k <= d_sae:
+        raise ForgeError(f"{directory}: cfg.json sets k={k}, but a topk SAE keeps from 1 to d_sae={d_sae} "
+                         "features per token; fix k in cfg.json")
     return SparseAutoencoder(
         W_enc=tensors["W_enc"].float(), b_enc=tensors["b_enc"].float(), W_dec=tensors["W_dec"].float(),
         b_dec=tensors["b_dec"].float(), architecture=architecture, k=k if architecture == "topk" else None,

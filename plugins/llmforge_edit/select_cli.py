@@ -37,7 +37,9 @@ def _print_scores(record: dict, output: Path | None, plot: Path | None) -> None:
 @click.option("--model", required=True, help="Model reference: a built-in name, HF directory or .gguf file.")
 @click.option("--sae", "sae_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="SAE directory from `forge edit sae train` (or SAELens directories); every layer in it is scored.")
-@click.option("--task-data", required=True, help="Task text: a .jsonl/.json/.csv/.tsv/.txt file or demo:NAME.")
+@click.option("--task-data", required=True,
+              help="Task text: a .jsonl/.json/.csv/.tsv/.txt file or demo:NAME; a .txt file gives one text per "
+                   "paragraph (paragraphs are separated by blank lines).")
 @click.option("--general-data", required=True, help="General text to compare with, read with --general-format.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True,
               help="Record format of --task-data (as in forge finetune); each record's prompt and completion form one text.")
@@ -51,7 +53,7 @@ def _print_scores(record: dict, output: Path | None, plot: Path | None) -> None:
               help="Record format of --general-data.")
 @click.option("--tokens", type=int, default=20_000, show_default=True,
               help="Token budget per data set: activations collected on the task text and on the general text.")
-@click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per text; longer texts are cut.")
+@click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per sequence; a longer text is split into consecutive windows of this length.")
 @click.option("--skip-bos/--keep-bos", default=True, show_default=True,
               help="Leave out the activation of a leading BOS token, as `forge edit sae train` does.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
@@ -68,12 +70,13 @@ def _print_scores(record: dict, output: Path | None, plot: Path | None) -> None:
               help="Write the scores as JSON, the file `forge edit apply --scores` reads.")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
               help="Write a bar chart of the layer scores as PNG.")
+@click.option("--overwrite", is_flag=True, help="Replace existing -o and --plot files.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: one per core).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full record, with each layer's top features, as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def layers_command(model, sae_dir, task_data, general_data, fmt, columns, prompt_template, completion_template,
                    general_format, tokens, max_length, skip_bos, dtype, statistic, top_m, min_rate, eps, output, plot,
-                   threads, as_json, quiet):
+                   overwrite, threads, as_json, quiet):
     """Rank decoder layers by how task-specific their SAE features are.
 
     For each layer with an SAE, the residual stream (blocks.L.hook_resid_post) is collected on
@@ -98,7 +101,7 @@ def layers_command(model, sae_dir, task_data, general_data, fmt, columns, prompt
     request = LayerScoreRequest(model=model, sae_dir=sae_dir, task=task, general=TextSource(general_data, general_format),
                                 tokens=tokens, max_length=max_length, skip_bos=skip_bos, dtype=dtype,
                                 statistic=statistic, top_m=top_m, min_rate=min_rate, eps=eps, output=output,
-                                plot=plot, progress=not quiet)
+                                plot=plot, overwrite=overwrite, progress=not quiet)
     record = score_layers(request, command=["forge", *sys.argv[1:]] if sys.argv else None)
     if as_json:
         print_json(record)

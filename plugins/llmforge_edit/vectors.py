@@ -339,6 +339,7 @@ def write_task_vector(base: str, tuned: str, output: Path, *, rank: int | None =
         raise ForgeError(f"output path {output} is a directory; give a file name such as tv.safetensors")
 
     source = resolve_pair(base, tuned, cache=cache)
+    _check_output_outside_inputs(output, source)
     if rank is None:
         metadata = {"format": TASK_VECTOR_FORMAT, "format_version": TASK_VECTOR_FORMAT_VERSION,
                     "base_digest": source.base_digest, "tuned_digest": source.tuned_digest,
@@ -349,6 +350,20 @@ def write_task_vector(base: str, tuned: str, output: Path, *, rank: int | None =
         with atomic_write(output) as handle, open(cached, "rb") as stored:
             shutil.copyfileobj(stored, handle, 1 << 22)
     return summarize_task_vector(output)
+
+
+def _check_output_outside_inputs(output: Path, source: VectorSource) -> None:
+    """Raise ForgeError when the output path is an input model file or lies inside an input model directory.
+
+    Replacing an input would destroy it, and a new .safetensors file in a model directory would be
+    read as part of that model's weights.
+    """
+    target = Path(output).resolve()
+    for label, path in (("base", source.base_dir), ("tuned model", source.tuned_dir)):
+        path = Path(path).resolve()
+        if target == path or (path.is_dir() and path in target.parents):
+            raise ForgeError(f"output path {output} is inside the {label} {path}, an input of this diff; "
+                             "write the task vector elsewhere")
 
 
 def summarize_task_vector(path: Path) -> dict[str, Any]:
