@@ -7,11 +7,9 @@ import torch
 
 from llmforge.errors import ForgeError
 from llmforge.hookspecs import hookimpl
-from llmforge_edit import merge
+from llmforge_edit import merge, merge_methods
+from llmforge_edit.merge_methods import available_merge_methods, dare_prune, magnitude_mask
 from llmforge_edit.merge import (
-    available_merge_methods,
-    dare_prune,
-    magnitude_mask,
     parse_layers,
     parse_modules,
     parse_vector_spec,
@@ -21,7 +19,7 @@ from llmforge_edit.merge import (
 
 
 def run_method(name, deltas, weights, densities=None, *, seed=0, normalize=None):
-    method = merge.BUILTIN_MERGE_METHODS[name]
+    method = merge_methods.BUILTIN_MERGE_METHODS[name]
     tensors = [torch.tensor(delta, dtype=torch.float32) for delta in deltas]
     generator = torch.Generator().manual_seed(seed)
     return method(tensors, weights=weights, densities=densities or [1.0] * len(deltas), generator=generator,
@@ -218,7 +216,7 @@ def plugin_manager():
 def test_hook_provides_builtin_methods(plugin_manager):
     methods = available_merge_methods()
     for name in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune"):
-        assert methods[name] is merge.BUILTIN_MERGE_METHODS[name]
+        assert methods[name] is merge_methods.BUILTIN_MERGE_METHODS[name]
 
 
 def test_hook_adds_plugin_method_but_keeps_builtins(plugin_manager):
@@ -226,7 +224,7 @@ def test_hook_adds_plugin_method_but_keeps_builtins(plugin_manager):
     methods = available_merge_methods()
 
     assert methods["double_sum"] is ThirdPartyPlugin.double
-    assert methods["ties"] is merge.ties
+    assert methods["ties"] is merge_methods.ties
 
 
 # Streaming reads and writes
@@ -379,7 +377,7 @@ def make_plan(paths, method, stack, *, block_elements=None, scale=1.0, weights=N
 def recording_method(shapes: list, *, elementwise: bool):
     def method(deltas, *, weights, densities, generator, normalize=None):
         shapes.append([tuple(delta.shape) for delta in deltas])
-        return merge.task_arithmetic(deltas, weights=weights, densities=densities, generator=generator)
+        return merge_methods.task_arithmetic(deltas, weights=weights, densities=densities, generator=generator)
 
     method.elementwise = elementwise
     return method
@@ -416,7 +414,7 @@ def test_missing_vector_entry_is_zero_per_block(two_vectors):
 
     paths, first, _ = two_vectors
     with contextlib.ExitStack() as stack:
-        plan = make_plan(paths, merge.task_arithmetic, stack, block_elements=2, scale=0.5, weights=[2.0, 1.0])
+        plan = make_plan(paths, merge_methods.task_arithmetic, stack, block_elements=2, scale=0.5, weights=[2.0, 1.0])
         blocks = list(plan.update_blocks("v", (6,)))
 
     assert len(blocks) == 3
@@ -428,7 +426,7 @@ def test_nonfinite_update_rejected(tmp_path):
 
     save_vector(tmp_path / "bad.safetensors", {"w": torch.tensor([[1.0, float("inf")], [0.0, 1.0]])})
     with contextlib.ExitStack() as stack:
-        plan = make_plan([tmp_path / "bad.safetensors"], merge.task_arithmetic, stack)
+        plan = make_plan([tmp_path / "bad.safetensors"], merge_methods.task_arithmetic, stack)
         with pytest.raises(ForgeError, match="NaN or infinite"):
             list(plan.update_blocks("w", (2, 2)))
 
@@ -461,7 +459,7 @@ def test_blockwise_write_matches_whole_tensor_write(two_vectors, tmp_path):
         directory = tmp_path / f"out-{block_elements}"
         directory.mkdir()
         with contextlib.ExitStack() as stack:
-            plan = make_plan(paths, merge.task_arithmetic, stack, block_elements=block_elements, scale=0.5)
+            plan = make_plan(paths, merge_methods.task_arithmetic, stack, block_elements=block_elements, scale=0.5)
             merge.write_merged_weights(base_dir, directory, {"w", "v"}, plan)
         outputs[block_elements] = directory / "model.safetensors"
 

@@ -14,6 +14,6 @@ def forge_commands(cli):
 @hookimpl
 def forge_merge_methods():
     """Register the built-in merge methods: task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune."""
-    from llmforge_edit.merge import BUILTIN_MERGE_METHODS
+    from llmforge_edit.merge_methods import BUILTIN_MERGE_METHODS
 
     return dict(BUILTIN_MERGE_METHODS)
