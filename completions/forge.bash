@@ -49,7 +49,7 @@ _forge_command() {
             _forge_options=(--base --help --json --output --overwrite --quiet --rank --tuned -h -o)
             ;;
         'forge edit layers')
-            _forge_options=(--column --completion-template --dtype --eps --format --general-data --general-format --help --json --keep-bos --max-length --min-rate --model --output --plot --prompt-template --quiet --sae --skip-bos --statistic --task-data --threads --tokens --top-m -h -o)
+            _forge_options=(--column --completion-template --dtype --eps --format --general-data --general-format --help --json --keep-bos --max-length --min-rate --model --output --overwrite --plot --prompt-template --quiet --sae --skip-bos --statistic --task-data --threads --tokens --top-m -h -o)
             ;;
         'forge edit merge')
             _forge_options=(--base --help --json --lambda --layers --method --modules --no-normalize --normalize --output --overwrite --quiet --seed --vector -h -o)
