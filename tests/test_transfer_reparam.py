@@ -71,8 +71,8 @@ def rotated_pair(tiny_model_dir, tmp_path):
     return tiny_model_dir, target_dir, vector_file, exact
 
 
-def _transfer(source_dir, target_dir, vector_file, calib, output, align="bico", tokens=3000):
-    settings = CalibrationSettings(calib_tokens=tokens, dtype="float64", batch_size=8)
+def _transfer(source_dir, target_dir, vector_file, calib, output, align="bico", tokens=3000, layer_map="proportional"):
+    settings = CalibrationSettings(calib_tokens=tokens, dtype="float64", batch_size=8, layer_map=layer_map)
     request = TransferRequest(source_base=str(source_dir), target_base=str(target_dir), calib=str(calib),
                               output=output, vector=str(vector_file), align=align, settings=settings)
     return run_transfer(request, command=["test"])

@@ -27,6 +27,7 @@ Structure rules:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from llmforge.errors import ForgeError
@@ -114,29 +115,50 @@ def _map_for(statistics, key: str, head_dim: int | None, report: dict, side: str
     return q
 
 
-def compute_maps(statistics: dict[str, Any], matched: dict[str, str], *, head_dim: int,
-                 method: str) -> tuple[dict[str, tuple[Any, Any]], dict[str, dict], list[str]]:
-    """Return (Q_in, Q_out) per target linear layer, a per-layer report of residuals and ranks, and warnings.
+def _decoder_layer_groups(names) -> list[list[str]]:
+    """Group linear-layer names by decoder layer; a name outside the decoder layers forms its own group."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names):
+        match = LAYER_PATTERN.match(name)
+        groups.setdefault(match.group(1) if match else name, []).append(name)
+    return list(groups.values())
 
-    Q_out is None for lm_head, whose output map is the identity.
+
+def layer_maps(statistics: dict[str, Any], matched: dict[str, str], *, head_dim: int,
+               method: str) -> Iterator[tuple[str, Any, Any, dict]]:
+    """Yield (target layer, Q_in, Q_out, report) per matched linear layer, one decoder layer at a time.
+
+    Q_out is None for lm_head, whose output map is the identity. The report contains the matched
+    source layer and the residual, rank and width of each map. Only the maps of one decoder layer
+    are alive at a time, so a caller that drops each map after use holds a few d x d matrices, not
+    all of them.
     """
-    maps, reports, warnings = {}, {}, []
-    for name in sorted(matched):
-        report = {"source": matched[name]}
-        q_in = _map_for(statistics, f"in/{input_key(name)}", None, report, "input")
-        q_out = None
-        if name != LM_HEAD:
-            match = LAYER_PATTERN.match(name)
-            rotary = method == "bico" and match is not None and match.group(2) in ROTARY_OUTPUTS
-            q_out = _map_for(statistics, f"out/{name}", head_dim if rotary else None, report, "output")
-        for side in ("input", "output"):
-            if f"{side}_rank" in report and report[f"{side}_rank"] < report[f"{side}_width"]:
-                warnings.append(f"{name}: the {side} cross-covariance has rank {report[f'{side}_rank']} of "
-                                f"{report[f'{side}_width']} ({int(statistics['tokens'])} calibration tokens), so "
-                                "its map is not determined in every direction; raise --calib-tokens")
-        maps[name] = (q_in, q_out)
-        reports[name] = report
-    return maps, reports, warnings
+    for group in _decoder_layer_groups(matched):
+        input_maps: dict[str, tuple[Any, dict]] = {}
+        for name in group:
+            key = f"in/{input_key(name)}"
+            if key not in input_maps:
+                input_report: dict = {}
+                input_maps[key] = (_map_for(statistics, key, None, input_report, "input"), input_report)
+            q_in, input_report = input_maps[key]
+            report = {"source": matched[name], **input_report}
+            q_out = None
+            if name != LM_HEAD:
+                match = LAYER_PATTERN.match(name)
+                rotary = method == "bico" and match is not None and match.group(2) in ROTARY_OUTPUTS
+                q_out = _map_for(statistics, f"out/{name}", head_dim if rotary else None, report, "output")
+            yield name, q_in, q_out, report
+
+
+def rank_warnings(name: str, report: dict, tokens: int) -> list[str]:
+    """Return one warning per map of `name` whose cross-covariance has lower rank than its width."""
+    warnings = []
+    for side in ("input", "output"):
+        if f"{side}_rank" in report and report[f"{side}_rank"] < report[f"{side}_width"]:
+            warnings.append(f"{name}: the {side} cross-covariance has rank {report[f'{side}_rank']} of "
+                            f"{report[f'{side}_width']} ({tokens} calibration tokens), so its map is not "
+                            "determined in every direction; raise --calib-tokens")
+    return warnings
 
 
 def _folded_update(vector: dict, source_state: dict, weight_name: str, norm: str | None, tied_head: bool):
@@ -159,16 +181,20 @@ def _folded_update(vector: dict, source_state: dict, weight_name: str, norm: str
     return folded
 
 
-def transport_vector(vector: dict, source_state: dict, target_state: dict, maps: dict, *,
+def transport_vector(vector: dict, source_state: dict, target_state: dict, maps, *,
                      source_tied: bool, target_tied: bool) -> tuple[dict[str, Any], list[str]]:
-    """Return the target task vector tau_B (float64) and the names of source tensors it does not carry.
+    """Return the target task vector tau_B (float32) and the names of source tensors it does not carry.
 
-    The structure rules of this module's docstring decide each tensor.
+    `maps` is an iterable of (target layer, Q_in, Q_out) such as `layer_maps` yields; each map is
+    used once and dropped. The structure rules of this module's docstring decide each tensor.
     """
     import torch
 
     transported, carried = {}, set()
-    for name, (q_in, q_out) in maps.items():
+    embedding_map = None
+    for name, q_in, q_out in maps:
+        if name == "model.layers.0.self_attn.q_proj":
+            embedding_map = q_in
         weight_name = f"{name}.weight"
         if name == LM_HEAD and target_tied:
             continue
@@ -182,11 +208,10 @@ def transport_vector(vector: dict, source_state: dict, target_state: dict, maps:
         update = update @ q_in.T
         if norm is not None:
             update = update / target_state[f"{norm}.weight"].to(torch.float64).unsqueeze(0)
-        transported[weight_name] = update
+        transported[weight_name] = update.to(torch.float32)
 
-    first_attention = "model.layers.0.self_attn.q_proj"
-    if EMBEDDING in vector and first_attention in maps:
-        transported[EMBEDDING] = vector[EMBEDDING].to(torch.float64) @ maps[first_attention][0].T
+    if EMBEDDING in vector and embedding_map is not None:
+        transported[EMBEDDING] = (vector[EMBEDDING].to(torch.float64) @ embedding_map.T).to(torch.float32)
         carried.add(EMBEDDING)
     if source_tied:
         carried.add(f"{LM_HEAD}.weight")

@@ -14,7 +14,7 @@ from typing import Any
 
 from llmforge.errors import ForgeError
 
-from llmforge_transfer.align import ALIGN_METHODS, check_naive_shapes, compute_maps, transport_vector
+from llmforge_transfer.align import ALIGN_METHODS, check_naive_shapes, layer_maps, rank_warnings, transport_vector
 from llmforge_transfer.calibration import CalibrationSettings, calibration_statistics
 
 logger = logging.getLogger(__name__)
@@ -71,11 +71,20 @@ def transport(request: TransferRequest, source, target, vector: dict, cache) -> 
     statistics, matched = calibration_statistics(source, target, request.calib, settings, cache=cache)
     config = target.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    maps, reports, warnings = compute_maps(statistics, matched, head_dim=head_dim, method=request.align)
-    for warning in warnings:
-        logger.warning("%s", warning)
+    logger.info("computing the maps of %d linear layers and transporting the vector", len(matched))
+    reports: dict[str, dict] = {}
+    warnings: list[str] = []
+
+    def maps():
+        for name, q_in, q_out, report in layer_maps(statistics, matched, head_dim=head_dim, method=request.align):
+            reports[name] = report
+            for warning in rank_warnings(name, report, int(statistics["tokens"])):
+                logger.warning("%s", warning)
+                warnings.append(warning)
+            yield name, q_in, q_out
+
     transported, skipped = transport_vector(
-        vector, source.model.state_dict(), target_state, maps,
+        vector, source.model.state_dict(), target_state, maps(),
         source_tied=bool(source.model.config.tie_word_embeddings),
         target_tied=bool(config.tie_word_embeddings))
     if skipped:
