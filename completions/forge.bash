@@ -89,7 +89,7 @@ _forge_command() {
             ;;
         'forge transfer')
             _forge_subcommands=(make-test-target)
-            _forge_options=(--align --alpha --batch-size --calib --calib-tokens --dtype --help --json --layer-map --max-length --output --overwrite --quiet --source-base --source-tuned --target-base --vector -h -o)
+            _forge_options=(--align --alpha --alpha-data --alpha-grid --batch-size --calib --calib-tokens --dtype --help --json --layer-map --max-length --output --overwrite --quiet --source-base --source-tuned --target-base --vector -h -o)
             ;;
         'forge transfer make-test-target')
             _forge_options=(--help --json --model --output --overwrite --permute-heads --permute-mlp --seed -h -o)
@@ -249,6 +249,8 @@ _forge_option_nargs() {
         'forge finetune|--warmup-steps') _forge_nargs=1 ;;
         'forge transfer|--align') _forge_nargs=1 ;;
         'forge transfer|--alpha') _forge_nargs=1 ;;
+        'forge transfer|--alpha-data') _forge_nargs=1 ;;
+        'forge transfer|--alpha-grid') _forge_nargs=1 ;;
         'forge transfer|--batch-size') _forge_nargs=1 ;;
         'forge transfer|--calib') _forge_nargs=1 ;;
         'forge transfer|--calib-tokens') _forge_nargs=1 ;;

@@ -315,6 +315,10 @@ function __forge_option_nargs
             echo 1
         case 'transfer|--alpha'
             echo 1
+        case 'transfer|--alpha-data'
+            echo 1
+        case 'transfer|--alpha-grid'
+            echo 1
         case 'transfer|--batch-size'
             echo 1
         case 'transfer|--calib'
@@ -739,6 +743,8 @@ complete -c forge -n '__forge_at plugins' -l json -d 'Print a JSON document inst
 complete -c forge -n '__forge_at transfer' -a 'make-test-target' -d 'Write an exact re-parameterisation of a Llama-style model: same logits...'
 complete -c forge -n '__forge_at transfer' -l align -x -a 'activations bico naive' -d 'How the maps are estimated: input activations with output gradients (bico)...'
 complete -c forge -n '__forge_at transfer' -l alpha -x -d 'Factor applied to the transported vector'
+complete -c forge -n '__forge_at transfer' -l alpha-data -x -d 'Held-out data for --alpha-grid, in any format forge finetune reads; keep it...'
+complete -c forge -n '__forge_at transfer' -l alpha-grid -x -d 'Choose alpha from these values (0 is always scored) by the lowest loss on...'
 complete -c forge -n '__forge_at transfer' -l batch-size -x -d 'Calibration examples per forward-backward pass'
 complete -c forge -n '__forge_at transfer' -l calib -x -d 'Calibration data file, in any format forge finetune reads'
 complete -c forge -n '__forge_at transfer' -l calib-tokens -x -d 'Calibration tokens to use (whole examples, up to this count)'

@@ -24,6 +24,10 @@ from llmforge.cli import print_json, silence_progress_bars
               help="How the maps are estimated: input activations with output gradients (bico), activations on both "
                    "sides, or identity maps (naive, same shapes only).")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="Factor applied to the transported vector.")
+@click.option("--alpha-grid", metavar="A,B,...",
+              help="Choose alpha from these values (0 is always scored) by the lowest loss on --alpha-data.")
+@click.option("--alpha-data", metavar="DATA",
+              help="Held-out data for --alpha-grid, in any format forge finetune reads; keep it apart from --calib.")
 @click.option("--calib-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Calibration tokens to use (whole examples, up to this count).")
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True,
@@ -39,8 +43,8 @@ from llmforge.cli import print_json, silence_progress_bars
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as one JSON document on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines on stderr.")
 @click.pass_context
-def transfer_group(ctx, source_base, source_tuned, vector, target_base, calib, output, align, alpha, calib_tokens,
-                   max_length, batch_size, dtype, layer_map, overwrite, as_json, quiet) -> None:
+def transfer_group(ctx, source_base, source_tuned, vector, target_base, calib, output, align, alpha, alpha_grid,
+                   alpha_data, calib_tokens, max_length, batch_size, dtype, layer_map, overwrite, as_json, quiet) -> None:
     """Move a task vector from one base model to another without training.
 
     One forward-backward pass of both base models on the same calibration batches gives, per
@@ -52,6 +56,7 @@ def transfer_group(ctx, source_base, source_tuned, vector, target_base, calib, o
     forge transfer --source-base old --source-tuned old-sst2 --target-base new --calib calib.jsonl -o new-sst2
     forge transfer make-test-target --model smollm2-135m -o rotated --permute-mlp --permute-heads
     """
+    from llmforge_transfer.alpha import parse_alpha_grid
     from llmforge_transfer.calibration import CalibrationSettings
     from llmforge_transfer.transfer import TransferRequest, run_transfer
 
@@ -69,6 +74,7 @@ def transfer_group(ctx, source_base, source_tuned, vector, target_base, calib, o
                                    dtype=dtype, layer_map=layer_map)
     request = TransferRequest(source_base=source_base, target_base=target_base, calib=calib, output=output,
                               source_tuned=source_tuned, vector=vector, align=align, alpha=alpha,
+                              alpha_grid=parse_alpha_grid(alpha_grid) if alpha_grid else None, alpha_data=alpha_data,
                               settings=settings, overwrite=overwrite)
     record = run_transfer(request, command=["forge", *sys.argv[1:]] if sys.argv else None)
     if as_json:
@@ -77,6 +83,9 @@ def transfer_group(ctx, source_base, source_tuned, vector, target_base, calib, o
     residuals = [report["input_residual"] for report in record["layers"].values()]
     if residuals:
         click.echo(f"aligned {len(residuals)} linear layers with {align}; largest input residual {max(residuals):.3g}")
+    if "alpha_search" in record:
+        click.echo(f"alpha {record['alpha']} chosen by held-out loss: " + ", ".join(
+            f"{alpha} {loss:.4f}" for alpha, loss in record["alpha_search"]["losses"].items()))
     click.echo(f"output: {output}")
 
 

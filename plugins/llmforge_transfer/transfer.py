@@ -34,6 +34,9 @@ class TransferRequest:
     vector: str | None = None
     align: str = "bico"
     alpha: float = 1.0
+    # With a grid, alpha is chosen on the held-out file alpha_data instead (see alpha.py).
+    alpha_grid: list[float] | None = None
+    alpha_data: str | None = None
     settings: CalibrationSettings = field(default_factory=CalibrationSettings)
     overwrite: bool = False
 
@@ -92,6 +95,22 @@ def transport(request: TransferRequest, source, target, vector: dict, cache) -> 
     return transported, reports, skipped, warnings
 
 
+def _search_alpha(request: TransferRequest, target, transported: dict) -> tuple[float, dict[str, Any]]:
+    """Return the alpha of the grid with the lowest held-out loss, and the search record."""
+    from llmforge.checkpoint import file_digest
+    from llmforge.data import resolve_data_path
+
+    from llmforge_transfer.alpha import search_alpha
+    from llmforge_transfer.calibration import calibration_batches
+
+    batches = calibration_batches(request.alpha_data, target.tokenizer, request.settings)
+    best, scores = search_alpha(target.model, transported, request.alpha_grid, batches)
+    logger.info("alpha %s has the lowest held-out loss (%s)", best,
+                ", ".join(f"{alpha}: {loss:.4f}" for alpha, loss in scores.items()))
+    return best, {"data": str(request.alpha_data), "data_digest": file_digest(resolve_data_path(request.alpha_data)),
+                  "metric": "mean LM loss of the completion tokens", "losses": scores}
+
+
 def run_transfer(request: TransferRequest, *, command: list[str] | None = None, cache=None) -> dict[str, Any]:
     """Transfer the task vector and write the output directory atomically; return the run record."""
     import torch
@@ -103,6 +122,8 @@ def run_transfer(request: TransferRequest, *, command: list[str] | None = None, 
 
     cache = cache or Cache()
     check_output_directory(Path(request.output), overwrite=request.overwrite)
+    if (request.alpha_grid is None) != (request.alpha_data is None):
+        raise ForgeError("--alpha-grid and --alpha-data go together: the grid is scored on the held-out data")
     source = load_model(request.source_base, dtype=request.settings.dtype, cache=cache)
     target = load_model(request.target_base, dtype=request.settings.dtype, cache=cache)
     if source.is_adapter or target.is_adapter:
@@ -116,14 +137,17 @@ def run_transfer(request: TransferRequest, *, command: list[str] | None = None, 
                         target_digest=target.digest, align=request.align, alpha=request.alpha,
                         calibration=dict(request.settings.__dict__), layers=reports, skipped_tensors=skipped,
                         warnings=warnings)
-    # TODO: choose alpha by a grid search on a held-out split with a task metric; it is fixed for now.
-    scaled = {name: request.alpha * update for name, update in transported.items()}
+    alpha = request.alpha
+    if request.alpha_grid is not None:
+        alpha, record["alpha_search"] = _search_alpha(request, target, transported)
+        record["alpha"] = alpha
+    scaled = {name: alpha * update for name, update in transported.items()}
     with atomic_directory(request.output, overwrite=request.overwrite) as directory:
         write_merged_model(target.path, scaled, directory, target.tokenizer)
         output_digest = directory_model_digest(directory, None)
         save_task_vector(directory / TRANSPORTED_VECTOR, transported, base_digest=target.digest,
                          tuned_digest=output_digest,
-                         extra={"alpha": repr(request.alpha), "align": request.align,
+                         extra={"alpha": repr(alpha), "align": request.align,
                                 "source_base_digest": source.digest})
         record["output_digest"] = output_digest
         write_json(directory / RUN_RECORD_NAME, record)
