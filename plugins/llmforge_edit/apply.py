@@ -347,7 +347,7 @@ def _write_projection(vector_path: Path, output: Path, layers: list[int], bases:
         save_task_vector(output, tensors, base_digest=vector.base_digest, tuned_digest=vector.tuned_digest,
                          extra={"layout": LAYOUT_DENSE, "computed_by": "forge edit apply --project sae"})
     # NOTE: the matrices that read the stream see the block's input: the residual before block L
-    # (layer L-1's resid_post), scaled by the block's RMSNorm. Layer L's resid_post SAE stands in for it.
+    # (layer L-1's resid_post), scaled by the block's RMSNorm. Layer L's resid_post SAE is used in its place.
     report["read_side_basis"] = "the SAE of the same layer's resid_post, as a stand-in for the block input"
     return report
 

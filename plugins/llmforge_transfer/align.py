@@ -130,7 +130,7 @@ def layer_maps(statistics: dict[str, Any], matched: dict[str, str], *, head_dim:
 
     Q_out is None for lm_head, whose output map is the identity. The report contains the matched
     source layer and the residual, rank and width of each map. Only the maps of one decoder layer
-    are alive at a time, so a caller that drops each map after use holds a few d x d matrices, not
+    are alive at a time, so a caller that drops each map after use keeps a few d x d matrices, not
     all of them.
     """
     for group in _decoder_layer_groups(matched):

@@ -63,8 +63,8 @@ def _parameters(model, names) -> dict[str, "torch.Tensor"]:
 def search_alpha(model, transported: dict[str, "torch.Tensor"], grid: list[float], batches) -> tuple[float, dict[str, Any]]:
     """Score every alpha of the grid on the held-out batches and return (best alpha, {alpha: loss}).
 
-    The model's weights are changed in place during the search and restored exactly enough for
-    scoring (base + a - a); the caller writes its output from the unchanged base files.
+    The model's weights change in place during the search and are restored afterwards, up to
+    floating-point rounding (base + a - a). So the caller writes its output from the base files.
     """
     import torch
 
