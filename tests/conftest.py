@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,11 +34,16 @@ requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../s
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
-    """Point FORGE_CACHE at a fresh directory so that no test sees another test's entries."""
+def isolated_cache(tmp_path_factory, monkeypatch) -> Iterator[Path]:
+    """Point FORGE_CACHE at a fresh directory so that no test sees another test's entries.
+
+    The directory is removed after the test: hundreds of tests each write model-sized entries, and
+    keeping them all fills a small disk.
+    """
     root = tmp_path_factory.mktemp("forge-cache")
     monkeypatch.setenv("FORGE_CACHE", str(root))
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
