@@ -9,6 +9,8 @@ TORCH ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 DEMO_STEPS ?= 300
 DEMO_LR ?= 1e-3
+# Where `make bench` keeps the version pair of the transfer benchmark.
+PAIR ?= bench-out/version-pair
 export FORGE_CACHE ?= $(CURDIR)/.forge-cache
 
 .PHONY: demo test test-fast bench install completions clean
@@ -45,9 +47,13 @@ bench: $(BIN)/forge
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bench_eval_lm_eval.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_edit_merge.py
+	# The version pair (old fine-tune, new base) comes from the transfer recipe; the benchmark times the rest.
+	$(MAKE) -f examples/transfer-version-pair.mk FORGE=$(CURDIR)/$(BIN)/forge OUT=$(PAIR) \
+		$(PAIR)/old-tuned/forge_run.json $(PAIR)/new-base/forge_run.json
+	$(BIN)/python benchmarks/bench_transfer.py --source-tuned $(PAIR)/old-tuned --target-base $(PAIR)/new-base
 
 completions: $(BIN)/forge
 	$(BIN)/python -m llmforge.completion completions
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .forge-cache
+	rm -rf $(VENV) $(DEMO_OUT) .forge-cache bench-out

@@ -56,7 +56,14 @@ def _source_vector(request: TransferRequest, source, cache) -> tuple[dict[str, A
                              "with --source-base")
         return dict(vector), metadata.get("tuned_digest", "")
     tuned = load_model(request.source_tuned, dtype=request.settings.dtype, cache=cache)
-    vector = compute_task_vector(source.model.state_dict(), tuned.model.state_dict())
+    tuned_model = tuned.model
+    if tuned.is_adapter:
+        if tuned.base_digest != source.digest:
+            raise ForgeError(f"the adapter {request.source_tuned} was trained on {tuned.base_reference} "
+                             f"({tuned.base_digest}), not on the source base {request.source_base} ({source.digest}); "
+                             "pass its own base with --source-base")
+        tuned_model = tuned_model.merge_and_unload()
+    vector = compute_task_vector(source.model.state_dict(), tuned_model.state_dict())
     return {name: update for name, update in vector.items() if bool(update.any())}, tuned.digest
 
 
