@@ -274,3 +274,44 @@ def test_command_rejects_invalid_layer_map(rotated_pair, calib_file, tmp_path, f
                         str(target_dir), "--calib", str(calib_file), "--layer-map", str(layer_map), "-o",
                         str(output), env=forge_env)
     _assert_rejected(result, "invalid --layer-map", output)
+
+
+@pytest.fixture
+def lora_adapter(tiny_model_dir, tmp_path):
+    """A real PEFT LoRA adapter on the tiny model, with non-zero B so that it changes the weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    directory = tmp_path / "adapter"
+    peft_model.save_pretrained(directory)
+    merged = peft_model.merge_and_unload().state_dict()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict()
+    return directory, {name: merged[name] - base[name] for name in base if not torch.equal(merged[name], base[name])}
+
+
+def test_command_takes_adapter_as_source_tuned(tiny_model_dir, lora_adapter, calib_file, tmp_path, forge_env):
+    from safetensors.torch import load_file
+
+    adapter, delta = lora_adapter
+    output = tmp_path / "out"
+    result = _run_forge("transfer", "--source-base", str(tiny_model_dir), "--source-tuned", str(adapter),
+                        "--target-base", str(tiny_model_dir), "--calib", str(calib_file), "--align", "naive",
+                        "-o", str(output), "--quiet", env=forge_env)
+
+    assert result.returncode == 0, result.stderr
+    transported = load_file(output / TRANSPORTED_VECTOR)
+    assert sorted(transported) == sorted(delta)
+    for name, update in delta.items():
+        torch.testing.assert_close(transported[name], update, rtol=1e-5, atol=1e-7)
+
+
+def test_command_rejects_adapter_of_other_base(rotated_pair, lora_adapter, calib_file, tmp_path, forge_env):
+    _, target_dir, _, _ = rotated_pair
+    adapter, _ = lora_adapter
+    output = tmp_path / "out"
+    result = _run_forge("transfer", "--source-base", str(target_dir), "--source-tuned", str(adapter),
+                        "--target-base", str(target_dir), "--calib", str(calib_file), "-o", str(output), env=forge_env)
+    _assert_rejected(result, "not on the source base", output)
