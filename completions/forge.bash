@@ -89,7 +89,7 @@ _forge_command() {
             ;;
         'forge transfer')
             _forge_subcommands=(make-test-target)
-            _forge_options=(--align --alpha --alpha-data --alpha-grid --batch-size --calib --calib-tokens --dtype --help --json --layer-map --max-length --output --overwrite --quiet --source-base --source-tuned --target-base --vector -h -o)
+            _forge_options=(--align --alpha --alpha-data --alpha-grid --batch-size --calib --calib-tokens --dtype --help --json --layer-map --max-length --output --overwrite --quiet --source-base --source-tuned --target-base --vector --whiten -h -o)
             ;;
         'forge transfer make-test-target')
             _forge_options=(--help --json --model --output --overwrite --permute-heads --permute-mlp --seed -h -o)

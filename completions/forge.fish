@@ -760,6 +760,7 @@ complete -c forge -n '__forge_at transfer' -l source-base -x -d 'Base model the 
 complete -c forge -n '__forge_at transfer' -l source-tuned -x -d 'Fine-tuned source model; the vector is it minus --source-base'
 complete -c forge -n '__forge_at transfer' -l target-base -x -d 'New base model to carry the vector to'
 complete -c forge -n '__forge_at transfer' -l vector -r -F -d 'Task-vector file from `forge edit diff` against --source-base (instead of...'
+complete -c forge -n '__forge_at transfer' -l whiten -d 'Estimate each map on whitened coordinates, so that low-variance directions...'
 
 # forge transfer make-test-target
 complete -c forge -n '__forge_at transfer make-test-target' -l help -s h -d 'Show this message and exit'

@@ -39,8 +39,11 @@ def test_version_pair_recipe_runs_and_reruns_nothing(tiny_model_dir, tmp_path, f
     for name in MODELS:
         assert str(tmp_path / "out" / name) in references
     assert report["inputs"]["baseline"]["reference"] == str(tmp_path / "out" / "new-base")
-    bico = json.loads((tmp_path / "out" / "new-tuned-bico" / "forge_run.json").read_text())
-    assert bico["align"] == "bico"
+    records = {align: json.loads((tmp_path / "out" / f"new-tuned-{align}" / "forge_run.json").read_text())
+               for align in ("bico", "activations", "naive")}
+    assert records["bico"]["calibration"]["output_side"] == "gradients"
+    assert records["activations"]["calibration"]["output_side"] == "outputs"
+    assert records["naive"]["calibration"] is None
 
     second = make("--question")
     assert second.returncode == 0, "make wants to rebuild a target although no input changed"

@@ -42,6 +42,12 @@ EMBEDDING = "model.embed_tokens.weight"
 ROTARY_OUTPUTS = ("self_attn.q_proj", "self_attn.k_proj")
 # Singular values below this fraction of the largest count as zero when the rank is reported.
 RANK_TOLERANCE = 1e-9
+# --whiten: each auto-covariance gets this fraction of its mean eigenvalue added before it is
+# inverted, so that directions with almost no variance are damped rather than amplified.
+WHITEN_SHRINKAGE = 1e-3
+# --whiten: whitened singular values below this fraction of the largest leave their directions
+# undetermined; those directions are mapped as close to the identity as the rest allows.
+UNDETERMINED = 1e-6
 
 
 def procrustes(cross: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -99,17 +105,61 @@ def _rank(singular_values) -> int:
     return int((singular_values > singular_values[0] * RANK_TOLERANCE).sum())
 
 
+def _inverse_sqrt(auto):
+    """Return (auto + shrinkage)^(-1/2) for a symmetric positive semi-definite sum of outer products."""
+    import torch
+
+    eigenvalues, vectors = torch.linalg.eigh(auto)
+    eigenvalues = eigenvalues.clamp(min=0.0)
+    floor = max(WHITEN_SHRINKAGE * float(eigenvalues.mean()), 1e-300)
+    return (vectors * (eigenvalues + floor).rsqrt()) @ vectors.T
+
+
+def whitened_cross(cross, auto_target, auto_source):
+    """Return the cross-covariance of whitened coordinates, S_B^(-1/2) C S_A^(-1/2).
+
+    Plain Procrustes weighs directions by their variance, so in a stream with a few high-variance
+    coordinates the low-variance directions may rotate freely. Whitening weighs every direction by
+    its correlation instead. An exact re-parameterisation x_B = R x_A still gives exactly R, since the
+    whitened matrix is then R times a positive definite matrix.
+    """
+    return _inverse_sqrt(auto_target) @ cross @ _inverse_sqrt(auto_source)
+
+
+def procrustes_near_identity(cross) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Return (Q, singular values): U V^T on the directions `cross` determines, nearest the identity on the rest.
+
+    Among all maps that maximise tr(Q^T C), this picks the one closest to the identity, so
+    directions the calibration data never reach are left in place instead of rotated at random.
+    """
+    import torch
+
+    u, s, vh = torch.linalg.svd(cross, full_matrices=True)
+    rank = int((s > s[0] * UNDETERMINED).sum()) if s.numel() and float(s[0]) > 0 else 0
+    q = u[:, :rank] @ vh[:rank]
+    u_rest, v_rest = u[:, rank:], vh[rank:].T
+    if u_rest.shape[1] and v_rest.shape[1]:
+        identity = torch.eye(*cross.shape, dtype=cross.dtype)
+        inner_u, _, inner_vh = torch.linalg.svd(u_rest.T @ identity @ v_rest, full_matrices=False)
+        q = q + u_rest @ (inner_u @ inner_vh) @ v_rest.T
+    return q, s[:min(cross.shape)]
+
+
 def _map_for(statistics, key: str, head_dim: int | None, report: dict, side: str):
     import torch
 
     cross = statistics[key]
+    whiten = key + ".auto_source" in statistics
+    if whiten:
+        cross = whitened_cross(cross, statistics[key + ".auto_target"], statistics[key + ".auto_source"])
     if head_dim is not None:
         q = rotary_map(cross, head_dim)
         singular_values = torch.linalg.svdvals(cross)
     else:
-        q, singular_values = procrustes(cross)
+        q, singular_values = procrustes_near_identity(cross) if whiten else procrustes(cross)
     rank = _rank(singular_values)
-    report[f"{side}_residual"] = _residual(q, cross, statistics[key + ".norm_source"], statistics[key + ".norm_target"])
+    report[f"{side}_residual"] = _residual(q, statistics[key], statistics[key + ".norm_source"],
+                                          statistics[key + ".norm_target"])
     report[f"{side}_rank"] = rank
     report[f"{side}_width"] = min(cross.shape)
     return q

@@ -48,6 +48,7 @@ class CalibrationSettings:
     batch_size: int = 4
     dtype: str = "float32"
     layer_map: str = "proportional"
+    whiten: bool = False
 
 
 def norm_of(linear: str) -> str | None:
@@ -207,25 +208,32 @@ def _run_pass(model, batch, names, output_side: str, on_input, on_output) -> Non
             handle.remove()
 
 
-def _accumulate(sums: dict, key: str, target_rows, source_rows) -> None:
+def _accumulate(sums: dict, key: str, target_rows, source_rows, whiten: bool) -> None:
     import torch
 
     if key not in sums:
         sums[key] = torch.zeros(target_rows.shape[1], source_rows.shape[1], dtype=torch.float64)
         sums[key + ".norm_source"] = torch.zeros(1, dtype=torch.float64)
         sums[key + ".norm_target"] = torch.zeros(1, dtype=torch.float64)
+        if whiten:
+            sums[key + ".auto_source"] = torch.zeros(source_rows.shape[1], source_rows.shape[1], dtype=torch.float64)
+            sums[key + ".auto_target"] = torch.zeros(target_rows.shape[1], target_rows.shape[1], dtype=torch.float64)
     sums[key] += target_rows.T @ source_rows
     sums[key + ".norm_source"] += source_rows.square().sum()
     sums[key + ".norm_target"] += target_rows.square().sum()
+    if whiten:
+        sums[key + ".auto_source"] += source_rows.T @ source_rows
+        sums[key + ".auto_target"] += target_rows.T @ target_rows
 
 
 def accumulate_statistics(source_model, target_model, batches, matched: dict[str, str],
-                          output_side: str) -> dict[str, Any]:
+                          output_side: str, whiten: bool = False) -> dict[str, Any]:
     """Return the summed cross-covariances of every matched layer pair over all batches.
 
     Keys: "in/TARGET_LAYER" (one per shared input) and "out/TARGET_LAYER" (none for lm_head, whose
     output map is the identity on the shared vocabulary), each [d_target, d_source] in float64, with
-    ".norm_source" and ".norm_target" sums of squares beside them, and "tokens".
+    ".norm_source" and ".norm_target" sums of squares beside them, and "tokens". With `whiten`,
+    each key also gets the auto-covariances ".auto_source" [d_source, d_source] and ".auto_target".
 
     Per batch, the source pass keeps its rows in the model's dtype, and the target pass adds each
     product to the sums as soon as its hook fires. So only one model's rows are held at a time.
@@ -260,12 +268,12 @@ def accumulate_statistics(source_model, target_model, batches, matched: dict[str
         def add_input(name, x):
             if name in input_layers:
                 _accumulate(sums, f"in/{name}", gain_free(x, name, target_gains),
-                            gain_free(source_inputs[matched[name]], matched[name], source_gains))
+                            gain_free(source_inputs[matched[name]], matched[name], source_gains), whiten)
 
         def add_output(name, value):
             if name in matched:
                 _accumulate(sums, f"out/{name}", value.to(torch.float64),
-                            source_outputs[matched[name]].to(torch.float64))
+                            source_outputs[matched[name]].to(torch.float64), whiten)
 
         _run_pass(target_model, batch, sorted(set(input_layers) | set(output_layers)), output_side,
                   add_input, add_output)
@@ -298,6 +306,7 @@ def calibration_statistics(source, target, calib: str, settings: CalibrationSett
     def compute() -> dict[str, Any]:
         batches = calibration_batches(calib, source.tokenizer, settings)
         logger.info("calibrating on %d batches (%d tokens)", len(batches), sum(batch.tokens for batch in batches))
-        return accumulate_statistics(source.model, target.model, batches, matched, settings.output_side)
+        return accumulate_statistics(source.model, target.model, batches, matched, settings.output_side,
+                                     settings.whiten)
 
     return cache.get_or_compute(key, compute), matched

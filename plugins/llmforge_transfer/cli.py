@@ -39,12 +39,16 @@ from llmforge.cli import print_json, silence_progress_bars
 @click.option("--layer-map", default="proportional", show_default=True, metavar="proportional|FILE",
               help="Which source layer each target layer takes its update from: target layer j <- source layer "
                    "round(j (Ls-1)/(Lt-1)), or a JSON file of {\"TARGET_LAYER\": SOURCE_LAYER}.")
+@click.option("--whiten", is_flag=True,
+              help="Estimate each map on whitened coordinates, so that low-variance directions count as much as "
+                   "high-variance ones; also sums auto-covariances, which triples the calibration memory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as one JSON document on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines on stderr.")
 @click.pass_context
 def transfer_group(ctx, source_base, source_tuned, vector, target_base, calib, output, align, alpha, alpha_grid,
-                   alpha_data, calib_tokens, max_length, batch_size, dtype, layer_map, overwrite, as_json, quiet) -> None:
+                   alpha_data, calib_tokens, max_length, batch_size, dtype, layer_map, whiten, overwrite, as_json,
+                   quiet) -> None:
     """Move a task vector from one base model to another without training.
 
     One forward-backward pass of both base models on the same calibration batches gives, per
@@ -71,7 +75,7 @@ def transfer_group(ctx, source_base, source_tuned, vector, target_base, calib, o
     else:
         logging.basicConfig(level=logging.INFO, format="forge transfer: %(message)s")
     settings = CalibrationSettings(calib_tokens=calib_tokens, max_length=max_length, batch_size=batch_size,
-                                   dtype=dtype, layer_map=layer_map)
+                                   dtype=dtype, layer_map=layer_map, whiten=whiten)
     request = TransferRequest(source_base=source_base, target_base=target_base, calib=calib, output=output,
                               source_tuned=source_tuned, vector=vector, align=align, alpha=alpha,
                               alpha_grid=parse_alpha_grid(alpha_grid) if alpha_grid else None, alpha_data=alpha_data,

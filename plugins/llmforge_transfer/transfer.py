@@ -67,6 +67,12 @@ def _source_vector(request: TransferRequest, source, cache) -> tuple[dict[str, A
     return {name: update for name, update in vector.items() if bool(update.any())}, tuned.digest
 
 
+def _calibration_settings(request: TransferRequest) -> dict[str, Any]:
+    """The calibration settings of this alignment: bico takes output gradients, activations the outputs."""
+    output_side = "gradients" if request.align == "bico" else "outputs"
+    return {**request.settings.__dict__, "output_side": output_side}
+
+
 def transport(request: TransferRequest, source, target, vector: dict, cache) -> tuple[dict, dict, list, list]:
     """Return (tau_B, per-layer report, skipped source tensors, warnings) for loaded base models."""
     if request.align not in ALIGN_METHODS:
@@ -76,8 +82,7 @@ def transport(request: TransferRequest, source, target, vector: dict, cache) -> 
         check_naive_shapes(vector, target_state)
         return dict(vector), {}, [], []
 
-    output_side = "gradients" if request.align == "bico" else "outputs"
-    settings = CalibrationSettings(**{**request.settings.__dict__, "output_side": output_side})
+    settings = CalibrationSettings(**_calibration_settings(request))
     statistics, matched = calibration_statistics(source, target, request.calib, settings, cache=cache)
     config = target.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -142,7 +147,7 @@ def run_transfer(request: TransferRequest, *, command: list[str] | None = None, 
     record = run_record(command, source_base=stored_reference(request.source_base), source_digest=source.digest,
                         source_tuned_digest=tuned_digest, target_base=stored_reference(request.target_base),
                         target_digest=target.digest, align=request.align, alpha=request.alpha,
-                        calibration=dict(request.settings.__dict__), layers=reports, skipped_tensors=skipped,
+                        calibration=None if request.align == "naive" else _calibration_settings(request), layers=reports, skipped_tensors=skipped,
                         warnings=warnings)
     alpha = request.alpha
     if request.alpha_grid is not None:
