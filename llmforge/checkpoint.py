@@ -118,6 +118,21 @@ def check_output_directory(path: Path, *, overwrite: bool, marker: str | None = 
         )
 
 
+def check_output_apart(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Raise ForgeError when the output directory is one of ``inputs`` (label: path) or contains one.
+
+    The finished output replaces that directory, so the input would be deleted.
+    """
+    target = Path(output).resolve()
+    for label, path in inputs.items():
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved == target or target in resolved.parents:
+            raise ForgeError(f"output directory {output} would replace the {label} {path}, an input of this "
+                             "command; write the output elsewhere")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, marker: str | None = RUN_RECORD_NAME) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``path``; on success rename it to ``path``.
@@ -349,7 +364,15 @@ def load_task_vector(path: str | os.PathLike) -> tuple[dict[str, "torch.Tensor"]
             f"{path} has task-vector format version {metadata.get('format_version')!r}; "
             f"this forge reads version {TASK_VECTOR_FORMAT_VERSION}"
         )
-    return load_tensors(path), metadata
+
+    import torch
+
+    tensors = load_tensors(path)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ForgeError(f"{path}: tensor {name!r} has NaN or infinite values; recompute the task vector "
+                             "from finite weights")
+    return tensors, metadata
 
 
 class WeightFiles:

@@ -410,14 +410,25 @@ def _load_weights(directory: Path, dtype: "torch.dtype", allow_pickle: bool, tru
         with warnings.catch_warnings():
             # transformers 5.x warns about its own deprecated attribute on every load.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = AutoModelForCausalLM.from_pretrained(
+            model, loading_info = AutoModelForCausalLM.from_pretrained(
                 str(directory),
                 dtype=dtype,
                 use_safetensors=not allow_pickle or any(directory.glob("*.safetensors")),
                 trust_remote_code=trust_remote_code,
+                output_loading_info=True,
             )
     except (OSError, ValueError, RuntimeError) as error:
+        if "ignore_mismatched_sizes" in str(error):
+            raise ForgeError(f"the weights in {directory} do not have the shapes that its config.json declares; "
+                             "fix config.json or the weights") from None
         raise ForgeError(f"failed to load the model in {directory}: {error}") from None
+
+    # transformers 5.x fills missing tensors with random values and drops unexpected ones, with only a log report.
+    for kind in ("missing", "unexpected"):
+        names = sorted(loading_info.get(f"{kind}_keys") or ())
+        if names:
+            raise ForgeError(f"the weights in {directory} do not match its config.json: {len(names)} {kind} tensors "
+                             f"such as {names[0]}; fix config.json or the weights")
     return model.eval()
 
 

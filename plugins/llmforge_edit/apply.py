@@ -299,15 +299,19 @@ def _selection_entry(request: ApplyRequest, layers: list[int], scores: dict | No
 def apply_vector(request: ApplyRequest, command: list[str] | None = None, cache=None) -> dict[str, Any]:
     """Add lambda * tau (or its projection) to the chosen layers of the base, write an HF directory, return the record."""
     from llmforge.cache import Cache
-    from llmforge.checkpoint import RUN_RECORD_NAME, atomic_directory, check_output_directory, write_json
+    from llmforge.checkpoint import (RUN_RECORD_NAME, atomic_directory, check_output_apart, check_output_directory,
+                                     write_json)
     from llmforge.models import model_digest, resolve
 
     from llmforge_edit.activations import model_shape
     from llmforge_edit.layers import read_layer_saes
 
     cache = cache or Cache()
-    if resolve(request.base, cache=cache).is_adapter:
+    resolved = resolve(request.base, cache=cache)
+    if resolved.is_adapter:
         raise ForgeError(f"the base {request.base} is a PEFT adapter; apply the vector to a model")
+    check_output_apart(request.output, {"base": resolved.path, "task vector": request.vector,
+                                        "scores file": request.scores, "SAE directory": request.sae_dir})
     base_digest = model_digest(request.base, cache=cache)
     scores = _check_inputs(request, base_digest)
     shape = model_shape(request.base, cache=cache)

@@ -327,7 +327,7 @@ def run_merge(request: MergeRequest, command: list[str] | None = None, cache=Non
     about the vectors' updates of the largest tensor plus the method's own copies for the others.
     """
     from llmforge.cache import Cache
-    from llmforge.checkpoint import atomic_directory, run_record
+    from llmforge.checkpoint import atomic_directory, check_output_apart, run_record
     from llmforge.models import cached_file_digest, directory_model_digest, model_digest, resolve, stored_reference
 
     from llmforge_edit.vectors import TaskVectorFile
@@ -338,6 +338,8 @@ def run_merge(request: MergeRequest, command: list[str] | None = None, cache=Non
     if resolved.is_adapter:
         raise ForgeError(f"the base {request.base} is a PEFT adapter; merge into a model, or write the adapter's "
                          "task vector with `forge edit diff` and merge it into the adapter's base")
+    check_output_apart(request.output, {"base": resolved.path, **{
+        f"task vector {number}": spec.path for number, spec in enumerate(request.vectors, start=1)}})
     base_digest = model_digest(request.base, cache=cache)
 
     with contextlib.ExitStack() as stack:

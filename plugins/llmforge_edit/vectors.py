@@ -249,8 +249,9 @@ def adapter_delta(source: VectorSource, cache: Cache) -> dict[str, "torch.Tensor
                 raise ForgeError(f"the adapter {source.tuned_dir} updates {name!r}, which is not in the base "
                                  f"{source.base_reference}; pass the adapter's own base with --base")
             if base.shape(name) != tuple(delta.shape):
-                raise ForgeError(f"the adapter's update of {name!r} has shape {tuple(delta.shape)} but the base "
-                                 f"weight has {base.shape(name)}")
+                raise ForgeError(f"the adapter {source.tuned_dir} updates {name!r} with shape {tuple(delta.shape)}, "
+                                 f"but the base {source.base_reference} has {base.shape(name)}; the adapter was "
+                                 "made for another base, so pass that base with --base")
     return vector
 
 

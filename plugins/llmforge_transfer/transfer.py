@@ -128,12 +128,17 @@ def run_transfer(request: TransferRequest, *, command: list[str] | None = None, 
     import torch
 
     from llmforge.cache import Cache
-    from llmforge.checkpoint import (RUN_RECORD_NAME, atomic_directory, check_output_directory, run_record,
-                                     save_task_vector, write_json, write_merged_model)
-    from llmforge.models import directory_model_digest, load_model, stored_reference
+    from llmforge.checkpoint import (RUN_RECORD_NAME, atomic_directory, check_output_apart, check_output_directory,
+                                     run_record, save_task_vector, write_json, write_merged_model)
+    from llmforge.models import directory_model_digest, load_model, resolve, stored_reference
 
     cache = cache or Cache()
     check_output_directory(Path(request.output), overwrite=request.overwrite)
+    check_output_apart(request.output, {
+        "source base": resolve(request.source_base, cache=cache).path,
+        "target base": resolve(request.target_base, cache=cache).path,
+        "source fine-tuned model": resolve(request.source_tuned, cache=cache).path if request.source_tuned else None,
+        "task vector": request.vector, "calibration data": request.calib, "held-out data": request.alpha_data})
     if (request.alpha_grid is None) != (request.alpha_data is None):
         raise ForgeError("--alpha-grid and --alpha-data go together: the grid is scored on the held-out data")
     source = load_model(request.source_base, dtype=request.settings.dtype, cache=cache)
