@@ -9,8 +9,9 @@ Layout under the cache root (``$FORGE_CACHE``, else the platform cache directory
 
 A key is a kind, the digests of its inputs and its parameters; its digest names the record.
 Blobs are written into ``tmp/`` and renamed into ``blobs/`` only when complete, and the record
-is written after its blob. A killed writer therefore leaves only debris in ``tmp/``, which
-``forge cache gc`` removes. A record's modification time is its last use.
+is written into ``tmp/`` after its blob and then renamed into ``refs/``. A killed writer therefore
+leaves only debris in ``tmp/``, which ``forge cache gc`` removes, and at worst a blob that no
+record names yet, which gc removes too. A record's modification time is its last use.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from llmforge.checkpoint import file_digest, load_tensors, save_tensors, write_json
+from llmforge.checkpoint import _fsync_directory, file_digest, load_tensors, save_tensors, write_json
 from llmforge.errors import ForgeError
 
 if TYPE_CHECKING:
@@ -205,8 +206,18 @@ class Cache:
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "metadata": dict(metadata or {}),
             }
-            write_json(self.ref_path(key), record)
+            self._write_record(key, record, work)
             return record
+
+    def _write_record(self, key: CacheKey, record: Mapping[str, Any], work: Path) -> None:
+        # The record is staged in tmp/ like the blob, because a killed writer's temporary file
+        # beside the ref would stay in refs/, where gc never looks.
+        ref = self.ref_path(key)
+        ref.parent.mkdir(exist_ok=True)
+        staged = work.with_name(f"{work.name}.record.json")
+        write_json(staged, record)
+        os.replace(staged, ref)
+        _fsync_directory(ref.parent)
 
     def get_or_compute(
         self,
