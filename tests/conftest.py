@@ -35,10 +35,10 @@ requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../s
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch) -> Iterator[Path]:
-    """Point FORGE_CACHE at a fresh directory so that no test sees another test's entries.
+    """Point FORGE_CACHE at a fresh directory so that no test reads another test's entries.
 
-    The directory is removed after the test: hundreds of tests each write model-sized entries, and
-    keeping them all fills a small disk.
+    The directory is removed after the test, because hundreds of tests write model-sized entries
+    and keeping them all fills a small disk.
     """
     root = tmp_path_factory.mktemp("forge-cache")
     monkeypatch.setenv("FORGE_CACHE", str(root))

@@ -1,7 +1,7 @@
 """Bad-input corpus: each case runs the `forge` CLI on one broken input or setting.
 
-Every case checks the exit status (1, or 2 for a usage error that click's option types catch), a
-message on stderr that names the offending file or value (with no traceback), and that the watched
+Every case checks three things. The exit status is 1, or 2 for a usage error that click's option
+types catch. A message on stderr names the offending file or value, with no traceback. The watched
 directories are byte-for-byte as they were before the run: no output, no temporary or `.partial`
 leftover, no changed input.
 """

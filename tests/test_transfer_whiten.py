@@ -33,8 +33,8 @@ def test_whitened_map_recovers_skewed_rotation():
 
 
 def test_undetermined_directions_stay_in_place():
-    # Identical models whose rows span only 3 of 8 directions: plain Procrustes may rotate the other
-    # 5 freely; the whitened map leaves them where they are.
+    # The rows of two identical models span only 3 of 8 directions. Plain Procrustes may rotate the
+    # other 5 freely, but the whitened map leaves them in place.
     generator = torch.Generator().manual_seed(1)
     rows = torch.randn(200, 3, generator=generator, dtype=torch.float64) @ torch.randn(3, 8, generator=generator,
                                                                                           dtype=torch.float64)

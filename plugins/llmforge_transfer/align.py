@@ -45,8 +45,8 @@ RANK_TOLERANCE = 1e-9
 # --whiten: each auto-covariance gets this fraction of its mean eigenvalue added before it is
 # inverted, so that directions with almost no variance are damped rather than amplified.
 WHITEN_SHRINKAGE = 1e-3
-# --whiten: whitened singular values below this fraction of the largest leave their directions
-# undetermined; those directions are mapped as close to the identity as the rest allows.
+# --whiten: a whitened singular value below this fraction of the largest leaves its direction
+# undetermined. Such directions are mapped as close to the identity as the rest allows.
 UNDETERMINED = 1e-6
 
 
@@ -142,7 +142,7 @@ def procrustes_near_identity(cross) -> tuple["torch.Tensor", "torch.Tensor"]:
         identity = torch.eye(*cross.shape, dtype=cross.dtype)
         inner_u, _, inner_vh = torch.linalg.svd(u_rest.T @ identity @ v_rest, full_matrices=False)
         q = q + u_rest @ (inner_u @ inner_vh) @ v_rest.T
-    return q, s[:min(cross.shape)]
+    return q, s
 
 
 def _map_for(statistics, key: str, head_dim: int | None, report: dict, side: str):

@@ -68,7 +68,7 @@ def _source_vector(request: TransferRequest, source, cache) -> tuple[dict[str, A
 
 
 def _calibration_settings(request: TransferRequest) -> dict[str, Any]:
-    """The calibration settings of this alignment: bico takes output gradients, activations the outputs."""
+    """Return the calibration settings of this alignment: output gradients for bico, outputs for activations."""
     output_side = "gradients" if request.align == "bico" else "outputs"
     return {**request.settings.__dict__, "output_side": output_side}
 
