@@ -13,7 +13,7 @@ DEMO_LR ?= 1e-3
 PAIR ?= bench-out/version-pair
 export FORGE_CACHE ?= $(CURDIR)/.forge-cache
 
-.PHONY: demo test test-fast bench install completions clean
+.PHONY: demo test test-fast bench install completions cli-reference clean
 
 $(BIN)/forge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,7 @@ test-fast: $(BIN)/forge
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 bench: $(BIN)/forge
+	$(BIN)/python benchmarks/bench_startup.py
 	$(BIN)/python benchmarks/bench_model_load.py
 	$(BIN)/python benchmarks/bench_eval_cache.py
 	$(BIN)/python benchmarks/bench_finetune.py
@@ -54,6 +55,10 @@ bench: $(BIN)/forge
 
 completions: $(BIN)/forge
 	$(BIN)/python -m llmforge.completion completions
+
+# docs/cli.md, from the --help text of every command; a test fails when it is out of date.
+cli-reference: $(BIN)/forge
+	$(BIN)/python -m llmforge.cli_reference
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .forge-cache bench-out

@@ -92,7 +92,7 @@ _forge_command() {
             _forge_options=(--align --alpha --alpha-data --alpha-grid --batch-size --calib --calib-tokens --dtype --help --json --layer-map --max-length --output --overwrite --quiet --source-base --source-tuned --target-base --vector --whiten -h -o)
             ;;
         'forge transfer make-test-target')
-            _forge_options=(--help --json --model --output --overwrite --permute-heads --permute-mlp --seed -h -o)
+            _forge_options=(--help --json --model --output --overwrite --permute-heads --permute-mlp --quiet --seed -h -o)
             ;;
         'forge zo')
             _forge_options=(--alpha --backend --batch-size --column --completion-template --data --dtype --eps --eval-batch-size --eval-data --eval-every --eval-limit --format --help --json --label-field --limit --lr --max-length --method --model --momentum --no-packing --nu --output --overwrite --packing --perturbation --prompt-template --queries --quiet --rank --resume --save-every --seed --single-token --steps --target-modules --template --threads --verbalizers --weight-decay -h -o)

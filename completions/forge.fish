@@ -770,6 +770,7 @@ complete -c forge -n '__forge_at transfer make-test-target' -l output -s o -x -a
 complete -c forge -n '__forge_at transfer make-test-target' -l overwrite -d 'Replace an existing output directory'
 complete -c forge -n '__forge_at transfer make-test-target' -l permute-heads -d 'Also permute the attention heads of every layer, keeping grouped-query...'
 complete -c forge -n '__forge_at transfer make-test-target' -l permute-mlp -d 'Also permute the MLP units of every layer'
+complete -c forge -n '__forge_at transfer make-test-target' -l quiet -d 'No progress bars on stderr'
 complete -c forge -n '__forge_at transfer make-test-target' -l seed -x -d 'Seed of the rotation and the permutations'
 
 # forge zo

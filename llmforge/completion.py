@@ -183,9 +183,12 @@ def builtin_plugin_names() -> list[str]:
     return sorted(names)
 
 
-def _load_builtin_cli() -> click.Command:
-    # Restricting the plugins before llmforge.cli loads them keeps third-party plugins that
-    # happen to be installed out of the checked-in scripts.
+def load_builtin_cli() -> click.Command:
+    """Return the ``forge`` group with only the built-in plugins loaded, for generated files.
+
+    Restricting the plugins before llmforge.cli loads them keeps third-party plugins that
+    happen to be installed out of the checked-in scripts and docs.
+    """
     names = builtin_plugin_names()
     if not names:
         raise SystemExit("error: no llmforge entry points found, so no built-in plugin can load. Install the project first: pip install -e .")
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.directory == DEFAULT_DIRECTORY and not (DEFAULT_DIRECTORY.parent / "pyproject.toml").is_file():
         parser.error(f"{DEFAULT_DIRECTORY.parent} is not a source checkout (no pyproject.toml); name the output directory")
 
-    cli = _load_builtin_cli()
+    cli = load_builtin_cli()
     stale = []
     for shell in SHELLS:
         path = args.directory / SCRIPT_NAMES[shell]

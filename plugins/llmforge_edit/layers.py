@@ -223,7 +223,8 @@ def score_layers(request: LayerScoreRequest, command: list[str] | None = None, c
     ranking = rank_layers(rows)
 
     record = run_record(
-        command, format=SCORES_FORMAT, format_version=SCORES_FORMAT_VERSION, model=stored_reference(request.model),
+        command, schema=f"{SCORES_FORMAT}/{SCORES_FORMAT_VERSION}", format=SCORES_FORMAT,
+        format_version=SCORES_FORMAT_VERSION, model=stored_reference(request.model),
         model_digest=model_digest(request.model, cache=cache), sae_dir=str(Path(request.sae_dir).resolve()),
         saes=[{"layer": layer, "path": saes[layer].directory, "d_in": saes[layer].sae.d_in,
                "d_sae": saes[layer].sae.d_sae, "architecture": saes[layer].sae.architecture,

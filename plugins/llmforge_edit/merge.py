@@ -372,7 +372,8 @@ def run_merge(request: MergeRequest, command: list[str] | None = None, cache=Non
             copy_tokenizer(resolved.path, directory, request.base, cache)
             _complete_config(directory)
             record = run_record(
-                command, base_reference=stored_reference(request.base), base_digest=base_digest,
+                command, schema="llmforge.edit.merge/1", base_reference=stored_reference(request.base),
+                base_digest=base_digest,
                 method=request.method, normalize=_normalize_used(request), seed=request.seed,
                 layers=request.layers, modules=request.modules, merged_tensors=len(changed),
                 vectors=[{"path": str(spec.path.resolve()), "file_digest": digest,

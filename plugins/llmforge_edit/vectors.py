@@ -373,6 +373,7 @@ def summarize_task_vector(path: Path) -> dict[str, Any]:
         parameters = sum(element_count(vector.shape(name)) for name in vector.names())
         stored = sum(element_count(shape) for shape in vector.stored_shapes().values())
         summary = {
+            "schema": "llmforge.edit.diff/1",
             "output": str(path),
             "layout": vector.layout,
             "rank": vector.rank,

@@ -103,7 +103,8 @@ def transfer_group(ctx, source_base, source_tuned, vector, target_base, calib, o
               help="Also permute the attention heads of every layer, keeping grouped-query groups together.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as one JSON document on stdout.")
-def make_test_target_command(model, output, seed, permute_mlp, permute_heads, overwrite, as_json):
+@click.option("--quiet", is_flag=True, help="No progress bars on stderr.")
+def make_test_target_command(model, output, seed, permute_mlp, permute_heads, overwrite, as_json, quiet):
     """Write an exact re-parameterisation of a Llama-style model: same logits, other coordinates.
 
     RMSNorm gains are folded into the linear layers that follow them, the residual stream is
@@ -114,6 +115,8 @@ def make_test_target_command(model, output, seed, permute_mlp, permute_heads, ov
     """
     from llmforge_transfer.reparam import make_test_target
 
+    if quiet:
+        silence_progress_bars()
     record = make_test_target(model, output, seed=seed, permute_mlp=permute_mlp, permute_heads=permute_heads,
                               overwrite=overwrite)
     if as_json:

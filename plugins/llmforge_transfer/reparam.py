@@ -255,7 +255,7 @@ def make_test_target(model: str, output: Path, *, seed: int = 0, permute_mlp: bo
     input_ids = loaded.tokenizer(list(CHECK_PROMPTS), return_tensors="pt", padding=True)["input_ids"]
     difference = check_same_logits(loaded.model, target, input_ids)
 
-    record = run_record(source=stored_reference(model), source_digest=loaded.digest, seed=seed,
+    record = run_record(schema="llmforge.transfer.test-target/1", source=stored_reference(model), source_digest=loaded.digest, seed=seed,
                         permute_mlp=permute_mlp, permute_heads=permute_heads,
                         max_relative_logit_difference=difference, prompts=list(CHECK_PROMPTS))
     with atomic_directory(output, overwrite=overwrite) as directory:

@@ -149,7 +149,7 @@ def run_transfer(request: TransferRequest, *, command: list[str] | None = None, 
     transported, reports, skipped, warnings = transport(request, source, target, vector, cache)
     transported = {name: update.to(torch.float32).contiguous() for name, update in transported.items()}
 
-    record = run_record(command, source_base=stored_reference(request.source_base), source_digest=source.digest,
+    record = run_record(command, schema="llmforge.transfer/1", source_base=stored_reference(request.source_base), source_digest=source.digest,
                         source_tuned_digest=tuned_digest, target_base=stored_reference(request.target_base),
                         target_digest=target.digest, align=request.align, alpha=request.alpha,
                         calibration=None if request.align == "naive" else _calibration_settings(request), layers=reports, skipped_tensors=skipped,
