@@ -16,9 +16,12 @@ import click
 
 from llmforge import __version__
 from llmforge.errors import ForgeError
-from llmforge.plugins import get_plugin_manager, load_errors, loaded_plugins
+from llmforge.plugins import get_plugin_manager, load_errors, loaded_plugins, plugin_hook_callers
+from llmforge.terminal import echo_error
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+# Context meta key: set to False to leave the forge-NAME programs on PATH out of `forge --help`.
+LIST_EXTERNALS = "llmforge.list_externals"
 
 
 class Terminated(KeyboardInterrupt):
@@ -34,7 +37,36 @@ def _raise_terminated(signum, frame) -> None:
 
 
 class ForgeGroup(click.Group):
-    """A click group that turns ForgeError into ``Error: ...`` on stderr and exit status 1."""
+    """A click group that turns ForgeError into ``Error: ...`` on stderr and exit status 1.
+
+    A name that matches no loaded command runs the executable ``forge-NAME`` from PATH, if there
+    is one (see llmforge.externals). Loaded commands always take precedence.
+    """
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+        from llmforge.externals import external_command
+
+        return external_command(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_commands(ctx, formatter)
+        if not ctx.meta.get(LIST_EXTERNALS, True):
+            return
+        from llmforge.externals import scan_externals
+
+        # Only the externals that `forge NAME` would run; `forge plugins` lists the others too.
+        externals = [external for external in scan_externals(set(self.commands))
+                     if external.executable and not external.shadowed]
+        if not externals:
+            return
+        width = max(len(external.name) for external in externals)
+        with formatter.section("External commands (forge-NAME on PATH)"):
+            # Written without write_dl, which wraps long paths at their hyphens.
+            for external in externals:
+                formatter.write(f"{'':{formatter.current_indent}}{external.name:<{width}}  {external.path}\n")
 
     def invoke(self, ctx: click.Context):
         try:
@@ -42,7 +74,7 @@ class ForgeGroup(click.Group):
         except ForgeError as error:
             if ctx.find_root().params.get("debug"):
                 raise
-            click.echo(f"Error: {error}", err=True)
+            echo_error(str(error), click.get_text_stream("stderr"))
             ctx.exit(1)
         except KeyboardInterrupt as interrupt:
             # 128 + the signal number, the shell convention: 130 for Ctrl-C (SIGINT), 143 for SIGTERM.
@@ -55,7 +87,8 @@ class ForgeGroup(click.Group):
             if ctx.find_root().params.get("debug") or isinstance(error, BrokenPipeError):
                 raise
             where = f": {error.filename}" if error.filename else ""
-            click.echo(f"Error: {error.strerror or error}{where}; check the path and its permissions", err=True)
+            message = f"{error.strerror or error}{where}; check the path and its permissions"
+            echo_error(message, click.get_text_stream("stderr"))
             ctx.exit(1)
 
 
@@ -115,16 +148,32 @@ def cli(debug: bool, allow_pickle: bool) -> None:
 @cli.command(name="plugins")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
 def plugins_command(as_json: bool) -> None:
-    """List the loaded plugins with their versions and hooks, and the plugins that failed to load."""
+    """List the loaded plugins with their versions and hooks, and the plugins that failed to load.
+
+    Also list the external commands: executables named forge-NAME on PATH, which run as
+    `forge NAME ARGS...`. An external whose NAME is taken by a loaded command is marked
+    "shadowed", and a forge-NAME file without execute permission "not executable". Neither runs.
+    """
+    from llmforge.externals import scan_externals
+
     plugins = [vars(info) for info in loaded_plugins()]
     errors = [vars(error) for error in load_errors]
+    externals = [vars(external) for external in scan_externals(set(cli.commands))]
     if as_json:
-        print_json({"schema": "llmforge.plugins/1", "plugins": plugins, "errors": errors})
+        print_json({"schema": "llmforge.plugins/1", "plugins": plugins, "errors": errors, "externals": externals})
         return
     for info in plugins:
         click.echo(f"{info['name']:<12} {info['version'] or '-':<10} {info['module']:<22} hooks: {', '.join(info['hooks'])}")
     for error in errors:
         click.echo(f"{error['name']:<12} FAILED     {error['module']:<22} {error['error']}")
+    for external in externals:
+        flags = []
+        if external["shadowed"]:
+            flags.append(f"shadowed by the command {external['name']!r}")
+        if not external["executable"]:
+            flags.append("not executable")
+        note = f"  ({'; '.join(flags)}; never runs)" if flags else ""
+        click.echo(f"{external['name']:<12} external   {external['path']}{note}")
 
 
 @cli.command(name="models")
@@ -163,11 +212,7 @@ def completion_command(shell: str) -> None:
 def _register_plugin_commands() -> None:
     for name, error in [(e.name, e.error) for e in load_errors]:
         click.echo(f"forge: plugin {name!r} failed to load and is skipped: {error}", err=True)
-    manager = get_plugin_manager()
-    for plugin_name, plugin in manager.list_name_plugin():
-        hook = getattr(plugin, "forge_commands", None)
-        if hook is None:
-            continue
+    for plugin_name, hook in plugin_hook_callers("forge_commands"):
         try:
             hook(cli=cli)
         except Exception as error:  # one broken plugin must not break the other commands

@@ -41,7 +41,10 @@ def walk_commands(command: click.Command, path: tuple[str, ...] = ("forge",)):
 
 def help_text(cli: click.Command, path: tuple[str, ...]) -> str:
     """Render the ``--help`` text of the command at `path` as a terminal of WIDTH columns would show it."""
+    from llmforge.cli import LIST_EXTERNALS
+
     context = click.Context(cli, info_name=path[0], terminal_width=WIDTH, max_content_width=WIDTH)
+    context.meta[LIST_EXTERNALS] = False  # the programs on this machine's PATH are not part of forge
     command = cli
     for name in path[1:]:
         command = command.commands[name]

@@ -3,19 +3,25 @@
 A plugin that fails to import or register is recorded in ``load_errors``, and the CLI reports
 it on stderr. The other plugins and commands keep working. ``FORGE_LOAD_PLUGINS`` (a comma
 list of entry-point names) restricts which plugins load; set to an empty string, none load.
+``FORGE_TRACE_PLUGINS=1`` prints every hook call and its result on stderr.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
+import reprlib
+import sys
+import time
 from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import pluggy
 
 from llmforge import hookspecs
 
 ENTRY_POINT_GROUP = "llmforge"
+TRACE_VARIABLE = "FORGE_TRACE_PLUGINS"
 
 
 @dataclass
@@ -62,6 +68,8 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
     manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     manager.add_hookspecs(hookspecs)
+    if os.environ.get(TRACE_VARIABLE, "") not in ("", "0"):
+        enable_hook_tracing(manager)
     selected = _selected_names()
 
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -77,6 +85,60 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
     _manager = manager
     return manager
+
+
+def _short_repr(value: object) -> str:
+    shortener = reprlib.Repr()
+    shortener.maxstring = shortener.maxother = 60
+    shortener.maxlist = shortener.maxdict = 4
+    return shortener.repr(value)
+
+
+def enable_hook_tracing(manager: pluggy.PluginManager, stream=None) -> None:
+    """Write a line on ``stream`` (default stderr) before and after every hook call of ``manager``.
+
+    The first line names the hook, the plugins whose implementations run and the keyword
+    arguments. The second line gives the result or the exception, and the time the call took.
+    """
+
+    def write(line: str) -> None:
+        print(line, file=stream or sys.stderr, flush=True)
+
+    started: list[float] = []
+
+    def before(hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, object]) -> None:
+        plugins = ",".join(impl.plugin_name for impl in hook_impls) or "-"
+        arguments = ", ".join(f"{key}={_short_repr(value)}" for key, value in kwargs.items())
+        write(f"forge trace: call {hook_name}({arguments}) plugins={plugins}")
+        started.append(time.perf_counter())
+
+    def after(outcome, hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, object]) -> None:
+        milliseconds = (time.perf_counter() - started.pop()) * 1000
+        plugins = ",".join(impl.plugin_name for impl in hook_impls) or "-"
+        if outcome.exception is not None:
+            ending = f"raised {type(outcome.exception).__name__}: {_short_repr(str(outcome.exception))}"
+        else:
+            ending = f"returned {_short_repr(outcome.get_result())}"
+        write(f"forge trace: done {hook_name} plugins={plugins} {ending} in {milliseconds:.1f} ms")
+
+    manager.add_hookcall_monitoring(before, after)
+
+
+def plugin_hook_callers(hook_name: str) -> list[tuple[str, pluggy.HookCaller]]:
+    """Return (plugin name, caller) pairs that call one plugin's implementation of ``hook_name`` each.
+
+    The pairs come in registration order. Calling the plugins one at a time lets the caller
+    skip a plugin whose implementation raises and still run the others, and the calls still go
+    through pluggy, so tracing shows them.
+    """
+    manager = get_plugin_manager()
+    hook = getattr(manager.hook, hook_name)
+    implementers = {impl.plugin for impl in hook.get_hookimpls()}
+    callers = []
+    for name, plugin in manager.list_name_plugin():
+        if plugin in implementers:
+            callers.append((name, manager.subset_hook_caller(hook_name, implementers - {plugin})))
+    return callers
 
 
 def loaded_plugins() -> list[PluginInfo]:
