@@ -30,7 +30,8 @@ def forge_model_sources():
 
     Each source has a ``name`` and a ``resolve(reference, cache) -> Path | None`` callable that
     returns a Hugging Face model directory for references it recognises and ``None`` for the
-    rest. Sources are asked in registration order, before the built-in path rules.
+    rest. Sources are asked before the built-in path rules, in pluggy's call order (the
+    plugin registered last first); the first path returned wins.
     """
 
 
