@@ -41,6 +41,9 @@ FORMAT_SUFFIXES = {"tensors": ".safetensors", "json": ".json", "dir": ""}
 
 # Debris in tmp/ younger than this may belong to a writer that is still running.
 STALE_TEMPORARY_SECONDS = 3600
+# A blob's name is the sha256 of its content plus the format's suffix, so a record cannot name a
+# path outside blobs/ (such as ../../etc/passwd) even when someone edits it.
+BLOB_NAME_PATTERN = re.compile(r"^[0-9a-f]{64}(\.safetensors|\.json)?$")
 
 
 def default_cache_root() -> Path:
@@ -82,6 +85,11 @@ def directory_digest(path: Path) -> str:
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(f"{file.relative_to(path).as_posix()}|{file_digest(file)}\n".encode())
     return f"sha256:{digest.hexdigest()}"
+
+
+def _is_record(record: Any) -> bool:
+    """Return whether parsed JSON is a cache record whose blob name is a content digest."""
+    return isinstance(record, dict) and isinstance(record.get("blob"), str) and bool(BLOB_NAME_PATTERN.match(record["blob"]))
 
 
 def _blob_digest(path: Path) -> str:
@@ -138,7 +146,12 @@ class Cache:
         return self.refs / key.kind / f"{key.digest}.json"
 
     def blob_path(self, record: Mapping[str, Any]) -> Path:
-        return self.blobs / record["blob"]
+        """Return the path of the blob that `record` names; ForgeError when the name is not a blob name."""
+        name = record.get("blob")
+        if not isinstance(name, str) or not BLOB_NAME_PATTERN.match(name):
+            raise ForgeError(f"invalid cache record: blob {name!r} is not a content digest; "
+                             "run `forge cache verify` and remove the entries it lists")
+        return self.blobs / name
 
     # Reading
 
@@ -149,7 +162,7 @@ class Cache:
             record = json.loads(ref.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
-        if not self.blob_path(record).exists():
+        if not _is_record(record) or not self.blob_path(record).exists():
             return None
         with contextlib.suppress(OSError):
             os.utime(ref)
@@ -271,7 +284,7 @@ class Cache:
         for ref in sorted(self.refs.glob("*/*.json")):
             try:
                 record = json.loads(ref.read_text())
-                if not isinstance(record, dict) or "blob" not in record:
+                if not _is_record(record):
                     record = None
             except (json.JSONDecodeError, UnicodeDecodeError, OSError):
                 record = None
@@ -293,7 +306,7 @@ class Cache:
         problems = []
         for ref, record in self.records():
             if record is None:
-                problems.append({"entry": str(ref), "problem": "record is not valid JSON"})
+                problems.append({"entry": str(ref), "problem": "record is not valid JSON or names no valid blob"})
             elif not self.blob_path(record).exists():
                 problems.append({"entry": str(ref), "problem": f"blob {record['blob']} is missing"})
 

@@ -2,17 +2,22 @@
 
 Every write goes to a temporary file or directory next to its destination and is flushed with
 fsync before it is renamed into place. A killed process therefore leaves the old file or the
-new one, and never a half-written file under the final name.
+new one, and never a half-written file under the final name. The temporary names carry the
+writer's host and pid, and the next write to the same name removes the temporary entries of
+writers that no longer run (see ``llmforge.staging``). A full disk raises DiskFullError, a
+ForgeError that names the output, after the temporary entry is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import struct
 import sys
@@ -21,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from llmforge.errors import ForgeError
+from llmforge.safetensors_header import read_safetensors_header
+from llmforge.staging import remove_stale_staging, staging_prefix
 
 if TYPE_CHECKING:
     import torch
@@ -32,16 +39,6 @@ TASK_VECTOR_FORMAT_VERSION = "1"
 # A long run keeps its resumable state in OUTPUT.partial beside its output until the output is written.
 PARTIAL_SUFFIX = ".partial"
 
-# A safetensors header takes about a hundred bytes per tensor. The safetensors library rejects
-# headers over 100 MB too, so a larger one is a damaged or hostile file.
-MAX_HEADER_BYTES = 100_000_000
-
-_DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8,
-}
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -58,28 +55,63 @@ def _umask() -> int:
     return mask
 
 
-def _temporary_name(path: Path) -> Path:
-    """Create an empty temporary file beside ``path`` with the permissions a new file would get."""
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(handle, 0o666 & ~_umask())
-    os.close(handle)
-    return Path(name)
+class DiskFullError(ForgeError):
+    """A write failed because its file system is full (ENOSPC) or the disk quota is used up (EDQUOT)."""
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(path: Path, error: BaseException) -> DiskFullError | None:
+    """Return the DiskFullError that names ``path`` when ``error`` means a full disk, else None."""
+    if isinstance(error, DiskFullError):
+        number = error.errno
+    elif isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+        number = error.errno
+    else:
+        return None
+    full = DiskFullError(f"cannot write {path}: {os.strerror(number).lower()}; free space on its file system "
+                         "or write the output elsewhere")
+    full.errno = number
+    return full
 
 
 @contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary file path beside ``path``; on success fsync that file and rename it to ``path``."""
+def _replacing(path: Path, *, in_directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; on success fsync that file and rename it to ``path``.
+
+    With ``in_directory`` the temporary file lies in a staging directory of its own, for writers
+    that create more files beside the path they are given. On any error the staging file or
+    directory is removed. A full disk raises DiskFullError naming ``path``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_name(path)
+    remove_stale_staging(path)
+    staging = None
     try:
+        if in_directory:
+            staging = Path(tempfile.mkdtemp(prefix=staging_prefix(path), suffix=".tmp", dir=path.parent))
+            temporary = staging / path.name
+        else:
+            handle, name = tempfile.mkstemp(prefix=staging_prefix(path), suffix=".tmp", dir=path.parent)
+            staging = temporary = Path(name)
+            os.fchmod(handle, 0o666 & ~_umask())
+            os.close(handle)
         yield temporary
         os.chmod(temporary, 0o666 & ~_umask())  # writers such as safetensors recreate the file with mode 0600
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+    except BaseException as error:
+        if staging is not None and in_directory:
+            shutil.rmtree(staging, ignore_errors=True)
+        elif staging is not None:
+            staging.unlink(missing_ok=True)
+        full = _disk_full(path, error)
+        if full is not None:
+            raise full from error
         raise
+    if in_directory:
+        shutil.rmtree(staging, ignore_errors=True)
     _fsync_directory(path.parent)
 
 
@@ -138,34 +170,51 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, marker
     """Yield an empty temporary directory beside ``path``; on success rename it to ``path``.
 
     ``check_output_directory`` decides whether an existing ``path`` may be replaced; the old
-    directory is replaced only after the new one is complete. On any error the temporary
-    directory is removed and ``path`` is left as it was.
+    directory is replaced only after the new one is complete. Callers write the ``marker`` file
+    (the run record) last, so an output with a marker is complete. On any error the temporary
+    directory is removed and ``path`` is left as it was, and a full disk raises DiskFullError
+    naming ``path``. Staging entries that killed writers of ``path`` left are removed first.
     """
     path = Path(path)
+    remove_stale_staging(path)
     check_output_directory(path, overwrite=overwrite, marker=marker)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ForgeError(f"cannot create output directory {path}: a parent path is a file; choose another path") from None
-    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(temporary, 0o777 & ~_umask())
+    temporary = None
     try:
+        temporary = Path(tempfile.mkdtemp(prefix=staging_prefix(path), suffix=".tmp", dir=path.parent))
+        os.chmod(temporary, 0o777 & ~_umask())
         yield temporary
-        for file in temporary.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if path.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, retired / path.name)
-            os.replace(temporary, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        _publish_directory(temporary, path)
+    except BaseException as error:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        full = _disk_full(path, error)
+        if full is not None:
+            raise full from error
         raise
     _fsync_directory(path.parent)
+
+
+def _publish_directory(temporary: Path, path: Path) -> None:
+    """Fsync every file in ``temporary`` and rename it to ``path``, replacing an existing ``path``.
+
+    An existing output is first moved into a ".old" staging directory. A kill between the two
+    renames leaves no ``path``, and the next write to ``path`` moves the old output back.
+    """
+    for file in temporary.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    if path.exists():
+        retired = Path(tempfile.mkdtemp(prefix=staging_prefix(path), suffix=".old", dir=path.parent))
+        os.replace(path, retired / path.name)
+        os.replace(temporary, path)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(temporary, path)
 
 
 def partial_directory(output: str | os.PathLike) -> Path:
@@ -202,72 +251,24 @@ def tensors_digest(tensors: dict[str, "torch.Tensor"]) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a safetensors header against the file size; raise ForgeError when it lies.
-
-    Checks: the 8-byte length prefix, the header size limit, valid JSON, known dtypes, offsets
-    that lie inside the data section, sizes that match dtype and shape, and no trailing bytes.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ForgeError(f"{path}: not a safetensors file (only {size} bytes); the file is truncated or empty")
-        (header_length,) = struct.unpack("<Q", prefix)
-        if header_length > MAX_HEADER_BYTES or 8 + header_length > size:
-            raise ForgeError(
-                f"{path}: corrupt safetensors header (declares {header_length} header bytes in a "
-                f"{size}-byte file); the file is truncated or damaged, so recreate it"
-            )
-        raw = handle.read(header_length)
-
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ForgeError(f"{path}: corrupt safetensors header ({error}); recreate the file") from None
-    if not isinstance(header, dict):
-        raise ForgeError(f"{path}: corrupt safetensors header (not a JSON object); recreate the file")
-
-    data_size = size - 8 - header_length
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        _check_header_entry(path, name, entry, data_size)
-        end = max(end, entry["data_offsets"][1])
-    if end != data_size:
-        raise ForgeError(
-            f"{path}: the data section has {data_size} bytes but the header describes {end}; "
-            "the file is truncated or damaged, so recreate it"
-        )
-    return header
-
-
-def _check_header_entry(path: Path, name: str, entry: Any, data_size: int) -> None:
-    try:
-        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        element_count = 1
-        for dim in shape:
-            element_count *= int(dim)
-    except (KeyError, TypeError, ValueError):
-        raise ForgeError(f"{path}: corrupt safetensors header entry for tensor {name!r}; recreate the file") from None
-    if dtype not in _DTYPE_SIZES:
-        raise ForgeError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-    if not (0 <= begin <= end <= data_size) or end - begin != element_count * _DTYPE_SIZES[dtype]:
-        raise ForgeError(
-            f"{path}: tensor {name!r} has offsets {begin}..{end} that do not fit its shape {shape} "
-            f"and the {data_size}-byte data section; the file is truncated or damaged"
-        )
-
-
 def save_tensors(path: str | os.PathLike, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` as a safetensors file, atomically. Metadata values must be strings."""
     from safetensors.torch import save_file
 
     contiguous = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
-    with _replacing(Path(path)) as temporary:
-        save_file(contiguous, str(temporary), metadata=metadata)
+    # safetensors 0.8 writes a ".tmpXXXXXX" file beside the path it is given and renames it. In a
+    # staging directory, a kill leaves that file where the next write's sweep removes it.
+    with _replacing(Path(path), in_directory=True) as temporary:
+        try:
+            save_file(contiguous, str(temporary), metadata=metadata)
+        except Exception as error:
+            # safetensors 0.8 reports a failed write as SafetensorError with "I/O error: ...
+            # (os error N)" in the message, not as OSError.
+            found = re.search(r"\(os error (\d+)\)", str(error))
+            if type(error).__name__ != "SafetensorError" or found is None:
+                raise
+            number = int(found.group(1))
+            raise OSError(number, os.strerror(number), str(path)) from error
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:

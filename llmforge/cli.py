@@ -7,10 +7,12 @@ Everything else (``finetune``, ``eval``, ...) is added by plugins through ``forg
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import sys
+from typing import Callable
 
 import click
 
@@ -34,6 +36,54 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum, frame) -> None:
     raise Terminated()
+
+
+# Context meta key of the resume hint that an interrupted command prints; see set_resume_hint.
+RESUME_HINT = "llmforge.resume_hint"
+
+
+def set_resume_hint(hint: str | Callable[[], str | None] | None) -> None:
+    """Set the hint that the current command prints after "Interrupted." or "Terminated." to say how a rerun resumes.
+
+    A command that writes output calls this before its work starts. The hint names what a rerun
+    reuses, such as cached scores or a saved state. A callable runs at the interrupt, so that the
+    hint can depend on what the run saved by then. It may return None to print nothing.
+    """
+    click.get_current_context().meta[RESUME_HINT] = hint
+
+
+def partial_run_hint(output: str | os.PathLike, *, saves: bool) -> Callable[[], str]:
+    """Return a resume hint for a run that keeps its state in OUTPUT.partial/ (``state-*`` entries).
+
+    `saves` is True when the command line requests saved states at all (such as with --save-every).
+    """
+    from llmforge.checkpoint import partial_directory
+
+    def hint() -> str:
+        partial = partial_directory(output)
+        states = sorted(partial.glob("state-*")) if partial.is_dir() else []
+        if states:
+            step = states[-1].name.split(".")[0].removeprefix("state-").lstrip("0") or "0"
+            return (f"The state of step {step} is saved in {partial}; rerun the same command with --resume "
+                    "to continue from it.")
+        if partial.is_dir():
+            return (f"{partial} contains no saved state yet; rerun the command with --overwrite and without "
+                    "--resume to start over.")
+        if saves:
+            return "No state was saved before the interrupt, so a rerun of the same command starts over."
+        return "Nothing was saved, so a rerun starts over; add --save-every N to make a run resumable."
+
+    return hint
+
+
+def _resume_hint(ctx: click.Context) -> str | None:
+    hint = ctx.meta.get(RESUME_HINT)
+    if not callable(hint):
+        return hint
+    try:
+        return hint()
+    except OSError:  # the hints only read directory listings; a failure must not replace the interrupt message
+        return None
 
 
 class ForgeGroup(click.Group):
@@ -80,6 +130,9 @@ class ForgeGroup(click.Group):
             # 128 + the signal number, the shell convention: 130 for Ctrl-C (SIGINT), 143 for SIGTERM.
             terminated = isinstance(interrupt, Terminated)
             click.echo("Terminated." if terminated else "Interrupted.", err=True)
+            hint = _resume_hint(ctx)
+            if hint:
+                click.echo(hint, err=True)
             ctx.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
         except OSError as error:
             # The user can fix file system failures such as a parent path that is a file, a missing
@@ -87,7 +140,11 @@ class ForgeGroup(click.Group):
             if ctx.find_root().params.get("debug") or isinstance(error, BrokenPipeError):
                 raise
             where = f": {error.filename}" if error.filename else ""
-            message = f"{error.strerror or error}{where}; check the path and its permissions"
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                advice = "free space on that file system or write the output elsewhere"
+            else:
+                advice = "check the path and its permissions"
+            message = f"{error.strerror or error}{where}; {advice}"
             echo_error(message, click.get_text_stream("stderr"))
             ctx.exit(1)
 

@@ -173,6 +173,10 @@ def fill_template(template: str, record: Mapping[str, Any], where: str, *, optio
     except (ValueError, IndexError) as error:
         raise ForgeError(f"invalid {option} {template!r}: {error}; use {{field}} placeholders "
                          "and double braces for literal ones") from error
+    except (AttributeError, TypeError) as error:
+        # "{question.x}" and "{question[x]}" look up an attribute or a key of the field's value.
+        raise ForgeError(f"{where}: the {option} {template!r} cannot be filled: {error}; use plain {{field}} "
+                         "placeholders") from error
 
 
 def _instruction_example(record: Mapping[str, Any], where: str) -> Example:

@@ -11,14 +11,16 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from llmforge.cache import Cache, CacheKey
-from llmforge.checkpoint import RUN_RECORD_NAME, file_digest, read_safetensors_header, save_tensors
+from llmforge.checkpoint import RUN_RECORD_NAME, file_digest, save_tensors
 from llmforge.errors import ForgeError
+from llmforge.safetensors_header import read_safetensors_header
 
 if TYPE_CHECKING:
     import torch
@@ -417,7 +419,7 @@ def _load_weights(directory: Path, dtype: "torch.dtype", allow_pickle: bool, tru
                 trust_remote_code=trust_remote_code,
                 output_loading_info=True,
             )
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
         if "ignore_mismatched_sizes" in str(error):
             raise ForgeError(f"the weights in {directory} do not have the shapes that its config.json declares; "
                              "fix config.json or the weights") from None

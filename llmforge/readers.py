@@ -129,6 +129,8 @@ def _parse_jsonl(text: str, source: str) -> Records:
             value = json.loads(line)
         except json.JSONDecodeError as error:
             raise ForgeError(f"{source}:{number}: invalid JSON: {error.msg} (column {error.colno})") from error
+        except (ValueError, RecursionError) as error:
+            raise ForgeError(f"{source}:{number}: cannot parse the JSON: {_json_limit(error)}") from None
         if not isinstance(value, dict):
             raise ForgeError(f"{source}:{number}: expected a JSON object, got {type(value).__name__}")
 
@@ -142,6 +144,8 @@ def _parse_json(text: str, source: str) -> Records:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise ForgeError(f"{source}:{error.lineno}: invalid JSON: {error.msg} (column {error.colno})") from error
+    except (ValueError, RecursionError) as error:
+        raise ForgeError(f"{source}: cannot parse the JSON: {_json_limit(error)}") from None
     if not isinstance(value, list):
         raise ForgeError(f"{source}:1: expected a JSON array of objects, got {type(value).__name__}")
 
@@ -153,6 +157,14 @@ def _parse_json(text: str, source: str) -> Records:
     return Records(value, source=source)
 
 
+def _json_limit(error: ValueError | RecursionError) -> str:
+    """Describe which limit of Python's json module the JSON exceeds, and what to change."""
+    if isinstance(error, RecursionError):
+        return "arrays or objects are nested too deeply for Python's parser; flatten them"
+    # Python 3.11+ rejects int() of more than 4300 digits (sys.get_int_max_str_digits).
+    return f"{str(error).split(';')[0]}; store such numbers as strings"
+
+
 def _parse_csv(text: str, source: str, delimiter: str = ",") -> Records:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
@@ -161,6 +173,8 @@ def _parse_csv(text: str, source: str, delimiter: str = ",") -> Records:
         return Records(source=source)
     except csv.Error as error:
         raise ForgeError(f"{source}:1: invalid header: {error}") from error
+    if not header:
+        raise ForgeError(f"{source}:1: the header row is empty; the first line must name the columns")
     if len(set(header)) != len(header) or any(not name for name in header):
         raise ForgeError(f"{source}:1: the header row needs unique, non-empty column names, got {header}")
 

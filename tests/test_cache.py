@@ -102,6 +102,27 @@ def test_verify_finds_dangling_record(tmp_path):
     assert "missing" in problems[0]["problem"]
 
 
+def test_record_cannot_name_blob_outside(tmp_path):
+    cache = Cache(tmp_path / "cache")
+    key = CacheKey("eval-score")
+    cache.get_or_compute_json(key, lambda: {"acc": 1.0})
+    outside = tmp_path / "secret.json"
+    outside.write_text('{"acc": 0.0}')
+    ref = cache.ref_path(key)
+    record = json.loads(ref.read_text())
+    record["blob"] = "../../secret.json"
+    ref.write_text(json.dumps(record))
+
+    found = cache.lookup_json(key)
+    problems = cache.verify()
+
+    assert found is None
+    assert [problem["entry"] for problem in problems] == [str(ref)]
+    assert "names no valid blob" in problems[0]["problem"]
+    with pytest.raises(ForgeError, match="not a content digest"):
+        cache.blob_path(record)
+
+
 def test_remove_and_gc(tmp_path):
     cache = Cache(tmp_path)
     cache.get_or_compute_json(CacheKey("eval-score", {}, {"n": 1}), lambda: {"acc": 1.0})

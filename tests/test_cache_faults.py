@@ -118,7 +118,8 @@ def read_tensors(tensors):
 
 def read_blob(kind, blob):
     """Read a blob back into the form of expected_files. A damaged safetensors file raises ForgeError."""
-    from llmforge.checkpoint import load_tensors, read_safetensors_header
+    from llmforge.checkpoint import load_tensors
+    from llmforge.safetensors_header import read_safetensors_header
 
     if kind == "torch":
         return read_tensors(load_tensors(blob))

@@ -358,8 +358,6 @@ def run_merge(request: MergeRequest, command: list[str] | None = None, cache=Non
         plan = MergePlan(vectors, [spec.weight for spec in request.vectors], [spec.density for spec in request.vectors],
                          method, scale=request.scale, seed=request.seed, normalize=request.normalize)
 
-        # NOTE: SIGKILL (or a crash of the machine) leaves the hidden .NAME.xxxx.tmp staging directory
-        # beside the output, and nothing removes it later. SIGINT and SIGTERM remove it.
         with atomic_directory(request.output, overwrite=request.overwrite) as directory:
             for name in MODEL_FILES:
                 if (resolved.path / name).is_file():

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from llmforge.cli import parse_columns, print_json, silence_progress_bars
+from llmforge.cli import parse_columns, print_json, set_resume_hint, silence_progress_bars
 
 RECORD_SCHEMA = "llmforge.edit.sae/1"
 # Fewer optimizer steps than this per layer draw a warning; the run measured in docs/edit.md used 150.
@@ -193,6 +193,8 @@ def train_command(model, data, output, layers, tokens, max_length, skip_bos, fmt
     """
     from llmforge_edit.sae import TrainSettings
 
+    set_resume_hint("Rerun the same command: it reuses the activations if their collection had finished (they are "
+                    "cached), and trains the SAEs again.")
     if quiet:
         silence_progress_bars()
     if threads is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from llmforge.cli import parse_columns, print_json, silence_progress_bars, unescape_template
+from llmforge.cli import parse_columns, print_json, set_resume_hint, silence_progress_bars, unescape_template
 
 FORMATS = ["auto", "text", "prompt-completion", "instruction", "chat"]
 
@@ -91,6 +91,8 @@ def layers_command(model, sae_dir, task_data, general_data, fmt, columns, prompt
     from llmforge_edit.activations import TextSource
     from llmforge_edit.layers import LayerScoreRequest, score_layers
 
+    set_resume_hint("Rerun the same command: it reuses the activations collected before the interrupt (they are "
+                    "cached per data set), and scores the layers again.")
     if quiet:
         silence_progress_bars()
     if threads is not None:
@@ -161,6 +163,7 @@ def apply_command(base, vector, select, k, scores, seed, scale, project, sae_dir
     """
     from llmforge_edit.apply import ApplyRequest, apply_vector
 
+    set_resume_hint("Rerun the same command; the edit starts over, because only the digests of its inputs are cached.")
     if quiet:
         silence_progress_bars()
     request = ApplyRequest(base=base, vector=vector, select=select.strip(), output=output, k=k, scores=scores,

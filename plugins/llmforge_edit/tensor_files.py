@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 
-from llmforge.checkpoint import read_safetensors_header
+from llmforge.safetensors_header import read_safetensors_header
 from llmforge.errors import ForgeError
 
 if TYPE_CHECKING:

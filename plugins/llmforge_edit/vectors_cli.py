@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from llmforge.cli import print_json, silence_progress_bars
+from llmforge.cli import print_json, set_resume_hint, silence_progress_bars
 
 # How many tensors the text summary of a low-rank diff lists, lowest retained energy first.
 LOWEST_ENERGY_SHOWN = 5
@@ -49,6 +49,7 @@ def diff_command(base, tuned, output, rank, overwrite, as_json, quiet):
     """
     from llmforge_edit.vectors import write_task_vector
 
+    set_resume_hint("Rerun the same command; a task vector computed before the interrupt comes from the cache.")
     if quiet:
         silence_progress_bars()
     summary = write_task_vector(base, tuned, output, rank=rank, overwrite=overwrite)
@@ -90,6 +91,7 @@ def merge_command(base, vectors, method, output, scale, normalize, seed, layers,
     """
     from llmforge_edit.merge import MergeRequest, parse_vector_spec, run_merge
 
+    set_resume_hint("Rerun the same command; the merge starts over, because only the digests of its inputs are cached.")
     if quiet:
         silence_progress_bars()
     request = MergeRequest(base=base, vectors=[parse_vector_spec(text) for text in vectors], output=output,

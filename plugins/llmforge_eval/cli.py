@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from llmforge.cli import set_resume_hint
+
 from llmforge_eval.cli_common import emit_report, silence_progress_bars, split_list
 from llmforge_eval.evaluate import DEFAULT_DTYPE
 
@@ -105,6 +107,8 @@ def eval_command(ctx, models, target, general, baseline, limit, seed, batch_size
         return
     if not models:
         raise click.UsageError("Missing option '--model' (or use --list-tasks).")
+    set_resume_hint("With --no-cache no score was kept, so a rerun scores every task again." if no_cache else
+                    "Rerun the same command to continue: the scores of the tasks that finished are cached and reused.")
 
     if quiet:
         silence_progress_bars()

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import click
 
+from llmforge.cli import set_resume_hint
 from llmforge.errors import ForgeError
 from llmforge_eval.cli_common import emit_report, plots_directory
 from llmforge_eval.drift import (
@@ -238,6 +239,8 @@ def drift_command(models, baseline, data, limit, seed, max_tokens, modules, eps,
     forge eval drift --model ./lora --model ./oft --baseline smollm2-135m --data prompts.jsonl -o drift.json
     """
 
+    set_resume_hint("Rerun the same command to continue: the activations captured before the interrupt are cached "
+                    "per model and reused.")
     if quiet:
         from llmforge_eval.cli_common import silence_progress_bars
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from llmforge.cli import set_resume_hint
 from llmforge_eval.interpolate import DEFAULT_OFT_SCALE, DEFAULT_TOLERANCE, OFT_SCALES
 
 PLOT_NAME = "interpolate.png"
@@ -77,6 +78,8 @@ def interpolate_command(tuned, baseline, target, general, alphas, checkpoints, o
     from llmforge_eval.interpolate import interpolate, parse_alphas
     from llmforge_eval.interpolate_report import format_table, write_plot, write_point_model
 
+    set_resume_hint("With --no-cache no score was kept, so a rerun scores every point again." if no_cache else
+                    "Rerun the same command to continue: the scores of the finished points and tasks are cached and reused.")
     if quiet:
         silence_progress_bars()
     else:

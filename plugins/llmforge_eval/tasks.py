@@ -85,7 +85,8 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> TaskSpec:
     if not isinstance(raw, dict):
         raise ForgeError(f"Invalid task spec in {source}: expected a mapping, got {type(raw).__name__}.")
 
-    unknown = sorted(set(raw) - _FIELDS)
+    # YAML allows keys of any scalar type, so sort by their text.
+    unknown = sorted(set(raw) - _FIELDS, key=str)
     if unknown:
         raise ForgeError(
             f"Unknown field {unknown[0]!r} in task spec {source}; allowed fields: {', '.join(sorted(_FIELDS))}."
@@ -183,10 +184,32 @@ def load_spec_file(path: str | Path) -> TaskSpec:
     if not path.is_file():
         raise ForgeError(f"Task file not found: {path}. Check the path given to --task-file.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ForgeError(f"Invalid task file {path}: byte {error.start} is not UTF-8; save the file as UTF-8.") from None
+    try:
+        raw = _parse_spec_text(text)
     except yaml.YAMLError as error:
         raise ForgeError(f"Invalid YAML/JSON in task file {path}: {error}") from error
+    except RecursionError:
+        raise ForgeError(f"Invalid YAML/JSON in task file {path}: lists or mappings nested too deeply.") from None
+    except ValueError as error:  # an integer of more than 4300 digits, or a YAML date such as 2020-13-45
+        raise ForgeError(f"Invalid YAML/JSON in task file {path}: {error}") from None
     return parse_spec(raw, source=str(path))
+
+
+def _parse_spec_text(text: str) -> Any:
+    """Parse JSON text with the json module and any other text as YAML.
+
+    PyYAML reads the escapes that json.dumps writes for a character outside the Basic Multilingual
+    Plane ("\\ud83d\\ude00") as two lone surrogates, so JSON is not left to it.
+    """
+    import yaml
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return yaml.safe_load(text)
 
 
 def coerce_spec(item: dict | str | Path, source: str) -> TaskSpec:

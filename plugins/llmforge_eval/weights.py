@@ -150,7 +150,7 @@ def linear_weight_names(model_dir: Path) -> set[str]:
     from transformers.pytorch_utils import Conv1D
 
     try:
-        config = AutoConfig.from_pretrained(str(model_dir))
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError) as error:

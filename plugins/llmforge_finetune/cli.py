@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from llmforge.cli import parse_columns, unescape_template
+from llmforge.cli import parse_columns, partial_run_hint, set_resume_hint, unescape_template
 from llmforge.data import EXAMPLE_FORMATS
 
 from llmforge_finetune.methods import METHODS, MethodSettings, get_method
@@ -143,6 +143,7 @@ def finetune_command(model, data, output, fmt, prompt_template, completion_templ
         raise click.UsageError("Missing option '--model'.")
     if not dry_run and (data is None or output is None):
         raise click.UsageError("Missing option '--data' or '-o/--output' (both are required unless --dry-run is given).")
+    set_resume_hint(None if dry_run else partial_run_hint(output, saves=save_every is not None))
     if threads is not None:
         import torch
 

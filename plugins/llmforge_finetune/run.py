@@ -134,7 +134,7 @@ def plan_run(request: FinetuneRequest, cache) -> dict[str, Any]:
     resolved = resolve(request.model, cache=cache)
     if resolved.is_adapter:
         raise ForgeError(f"{request.model} is an adapter; fine-tune its base model {resolved.base.reference} instead")
-    model_config = AutoConfig.from_pretrained(str(resolved.path))
+    model_config = AutoConfig.from_pretrained(str(resolved.path), trust_remote_code=False)
     check_max_length(request.max_length, model_config, request.model)
     check_target_modules(model_config, values, request.model)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from llmforge.cli import print_json, silence_progress_bars
+from llmforge.cli import print_json, set_resume_hint, silence_progress_bars
 
 
 @click.group(name="transfer", invoke_without_command=True)
@@ -70,6 +70,8 @@ def transfer_group(ctx, source_base, source_tuned, vector, target_base, calib, o
                                         ("--calib", calib), ("--output", output)) if value is None]
     if missing:
         raise click.UsageError(f"Missing option '{missing[0]}'.")
+    set_resume_hint("Rerun the same command; calibration statistics computed before the interrupt come from the "
+                    "cache, and the rest starts over.")
     if quiet:
         silence_progress_bars()
     else:
@@ -115,6 +117,7 @@ def make_test_target_command(model, output, seed, permute_mlp, permute_heads, ov
     """
     from llmforge_transfer.reparam import make_test_target
 
+    set_resume_hint("Rerun the same command; it starts over.")
     if quiet:
         silence_progress_bars()
     record = make_test_target(model, output, seed=seed, permute_mlp=permute_mlp, permute_heads=permute_heads,
