@@ -18,7 +18,7 @@ import click
 
 from llmforge import __version__
 from llmforge.errors import ForgeError
-from llmforge.plugins import get_plugin_manager, load_errors, loaded_plugins, plugin_hook_callers
+from llmforge.plugins import get_plugin_manager, load_errors, loaded_plugins, plugin_hook_callers, skip_plugin
 from llmforge.terminal import echo_error
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -124,7 +124,7 @@ class ForgeGroup(click.Group):
         except ForgeError as error:
             if ctx.find_root().params.get("debug"):
                 raise
-            echo_error(str(error), click.get_text_stream("stderr"))
+            echo_error(str(error), sys.stderr)
             ctx.exit(1)
         except KeyboardInterrupt as interrupt:
             # 128 + the signal number, the shell convention: 130 for Ctrl-C (SIGINT), 143 for SIGTERM.
@@ -145,7 +145,7 @@ class ForgeGroup(click.Group):
             else:
                 advice = "check the path and its permissions"
             message = f"{error.strerror or error}{where}; {advice}"
-            echo_error(message, click.get_text_stream("stderr"))
+            echo_error(message, sys.stderr)
             ctx.exit(1)
 
 
@@ -161,6 +161,10 @@ def silence_progress_bars() -> None:
     else:
         # Read when transformers is imported; cheaper than importing it when nothing is loaded.
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    # The GGUF conversion in transformers draws a plain tqdm bar, which only tqdm's own switch turns
+    # off. tqdm reads TQDM_* variables when it is imported, and commands import it lazily.
+    # NOTE: a plugin that imports tqdm at its top level keeps that bar on under --quiet.
+    os.environ["TQDM_DISABLE"] = "1"
 
 
 def parse_columns(values: tuple[str, ...]) -> dict[str, str]:
@@ -270,10 +274,16 @@ def _register_plugin_commands() -> None:
     for name, error in [(e.name, e.error) for e in load_errors]:
         click.echo(f"forge: plugin {name!r} failed to load and is skipped: {error}", err=True)
     for plugin_name, hook in plugin_hook_callers("forge_commands"):
+        before = dict(cli.commands)
         try:
             hook(cli=cli)
         except Exception as error:  # one broken plugin must not break the other commands
-            click.echo(f"forge: plugin {plugin_name!r} failed to add its commands and is skipped: {error}", err=True)
+            # Skipped means skipped: drop what it added before it raised, and list it as failed.
+            cli.commands.clear()
+            cli.commands.update(before)
+            skip_plugin(plugin_name, f"{type(error).__name__}: {error}")
+            click.echo(f"forge: plugin {plugin_name!r} failed to add its commands and is skipped: "
+                       f"{type(error).__name__}: {error}", err=True)
 
 
 def _add_core_groups() -> None:

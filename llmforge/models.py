@@ -340,6 +340,9 @@ def pickle_allowed(allow_pickle: bool | None) -> bool:
 
 def resolve(reference: str, *, cache: Cache | None = None, allow_pickle: bool | None = None) -> ResolvedModel:
     """Resolve a model reference to directories on disk, converting a GGUF file once if needed."""
+    if not reference.strip():
+        raise ForgeError("empty model reference; pass a built-in name (see `forge models`), a Hugging Face model "
+                         "directory, a .gguf file or a PEFT adapter directory")
     cache = cache or Cache()
     allow_pickle = pickle_allowed(allow_pickle)
     for source in _plugin_sources():

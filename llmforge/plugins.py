@@ -22,6 +22,7 @@ from llmforge import hookspecs
 
 ENTRY_POINT_GROUP = "llmforge"
 TRACE_VARIABLE = "FORGE_TRACE_PLUGINS"
+SELECT_VARIABLE = "FORGE_LOAD_PLUGINS"
 
 
 @dataclass
@@ -49,7 +50,7 @@ load_errors: list[LoadError] = []
 
 
 def _selected_names() -> set[str] | None:
-    raw = os.environ.get("FORGE_LOAD_PLUGINS")
+    raw = os.environ.get(SELECT_VARIABLE)
     if raw is None:
         return None
     return {name.strip() for name in raw.split(",") if name.strip()}
@@ -58,6 +59,17 @@ def _selected_names() -> set[str] | None:
 def _distribution_version(entry_point: importlib.metadata.EntryPoint) -> str | None:
     distribution = getattr(entry_point, "dist", None)
     return distribution.version if distribution is not None else None
+
+
+def _ordered_entry_points() -> list[importlib.metadata.EntryPoint]:
+    """Return the plugin entry points, llmforge's own first, so that no other package can take a built-in's name."""
+    entry_points = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+    def is_third_party(entry_point: importlib.metadata.EntryPoint) -> bool:
+        distribution = getattr(entry_point, "dist", None)
+        return distribution is None or distribution.metadata["Name"] != hookspecs.PROJECT_NAME
+
+    return sorted(entry_points, key=is_third_party)
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -72,8 +84,18 @@ def get_plugin_manager() -> pluggy.PluginManager:
         enable_hook_tracing(manager)
     selected = _selected_names()
 
-    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    entry_points = _ordered_entry_points()
+    for name in sorted((selected or set()) - {entry_point.name for entry_point in entry_points}):
+        load_errors.append(LoadError(name, "-", f"{SELECT_VARIABLE} names {name!r}, but no installed plugin has that "
+                                                "name; see `forge plugins` without it for the installed names"))
+    for entry_point in entry_points:
         if selected is not None and entry_point.name not in selected:
+            continue
+        if manager.has_plugin(entry_point.name):
+            owner = manager.get_plugin(entry_point.name)
+            load_errors.append(LoadError(entry_point.name, entry_point.value,
+                                         f"the plugin name {entry_point.name!r} is taken by {owner.__name__}; "
+                                         "rename this entry point"))
             continue
         try:
             module = entry_point.load()
@@ -122,6 +144,14 @@ def enable_hook_tracing(manager: pluggy.PluginManager, stream=None) -> None:
         write(f"forge trace: done {hook_name} plugins={plugins} {ending} in {milliseconds:.1f} ms")
 
     manager.add_hookcall_monitoring(before, after)
+
+
+def skip_plugin(name: str, error: str) -> None:
+    """Unregister the plugin `name` after one of its hooks failed, and record it as failed to load."""
+    manager = get_plugin_manager()
+    plugin = manager.unregister(name=name)
+    module = getattr(plugin, "__name__", repr(plugin))
+    load_errors.append(LoadError(name, module, error))
 
 
 def plugin_hook_callers(hook_name: str) -> list[tuple[str, pluggy.HookCaller]]:

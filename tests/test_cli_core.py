@@ -114,6 +114,16 @@ def test_load_plugins_selects(forge_env):
     assert "finetune" not in only_eval.stdout
 
 
+def test_load_plugins_reports_unknown_name(forge_env):
+    result = run_forge("plugins", "--json", env={**forge_env, "FORGE_LOAD_PLUGINS": "eval,evl"})
+
+    document = json.loads(result.stdout)
+    assert result.returncode == 0
+    assert [plugin["name"] for plugin in document["plugins"]] == ["eval"]
+    assert [error["name"] for error in document["errors"]] == ["evl"]
+    assert "FORGE_LOAD_PLUGINS names 'evl', but no installed plugin has that name" in result.stderr
+
+
 def test_models_json():
     result = CliRunner().invoke(cli, ["models", "--json"])
 

@@ -211,3 +211,11 @@ def test_allow_pickle_flag_sets_environment(monkeypatch):
 
     assert os.environ.get("FORGE_ALLOW_PICKLE") == "1"
     monkeypatch.delenv("FORGE_ALLOW_PICKLE", raising=False)
+
+
+@pytest.mark.parametrize("reference", ["", "   "])
+def test_empty_reference_rejected(reference, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(ForgeError, match="empty model reference"):
+        resolve(reference)

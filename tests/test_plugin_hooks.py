@@ -151,14 +151,67 @@ def test_failing_forge_commands_skipped_and_traced(tmp_path, forge_env):
 
         @hookimpl
         def forge_commands(cli):
+            import click
+
+            cli.add_command(click.Command("half-built", callback=lambda: None))
             raise ValueError("cannot build the commands")
     """)
     env = {**forge_env, "PYTHONPATH": str(tmp_path), "FORGE_TRACE_PLUGINS": "1"}
 
     result = run_forge("finetune", "--help", env=env)
+    listing = json.loads(run_forge("plugins", "--json", env=forge_env | {"PYTHONPATH": str(tmp_path)}).stdout)
+    half_built = run_forge("half-built", env=env)
 
     assert result.returncode == 0, result.stderr
     assert "Usage: forge finetune" in result.stdout
-    assert "plugin 'forge_failing_plugin' failed to add its commands and is skipped: cannot build the commands" in result.stderr
+    assert ("plugin 'forge_failing_plugin' failed to add its commands and is skipped: "
+            "ValueError: cannot build the commands") in result.stderr
     assert ("forge trace: done forge_commands plugins=forge_failing_plugin raised ValueError: "
             "'cannot build the commands'") in result.stderr
+    assert "forge_failing_plugin" not in [plugin["name"] for plugin in listing["plugins"]]
+    assert [error["name"] for error in listing["errors"]] == ["forge_failing_plugin"]
+    assert half_built.returncode == 2
+
+
+def test_third_party_cannot_take_builtin_name(tmp_path, forge_env):
+    install_plugin(tmp_path, "forge_impostor", """\
+        from llmforge.hookspecs import hookimpl
+
+        @hookimpl
+        def forge_commands(cli):
+            pass
+    """)
+    # The same module registered under the entry-point name of the built-in eval plugin.
+    entry_points = tmp_path / "forge_impostor-1.0.dist-info" / "entry_points.txt"
+    entry_points.write_text("[llmforge]\neval = forge_impostor\n")
+    env = {**forge_env, "PYTHONPATH": str(tmp_path)}
+
+    listing = json.loads(run_forge("plugins", "--json", env=env).stdout)
+    tasks = run_forge("eval", "--list-tasks", env=env)
+
+    assert tasks.returncode == 0, tasks.stderr
+    assert "llmforge_eval" in [plugin["module"] for plugin in listing["plugins"]]
+    assert [error["module"] for error in listing["errors"]] == ["forge_impostor"]
+    assert "the plugin name 'eval' is taken by llmforge_eval" in listing["errors"][0]["error"]
+
+
+@pytest.mark.parametrize(("returned", "message"), [
+    ("[42]", "returned 42, which is not a spec dict"),
+    ("['/nonexistent/spec.yaml']", "task file not found: /nonexistent/spec.yaml, returned by the forge_eval_tasks hook"),
+])
+def test_bad_eval_tasks_named_by_plugin(tmp_path, forge_env, returned, message):
+    install_plugin(tmp_path, "forge_bad_tasks", f"""\
+        from llmforge.hookspecs import hookimpl
+
+        @hookimpl
+        def forge_eval_tasks():
+            return {returned}
+    """)
+    env = {**forge_env, "PYTHONPATH": str(tmp_path)}
+
+    result = run_forge("eval", "--list-tasks", env=env)
+
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "plugin forge_bad_tasks" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -33,12 +33,17 @@ def _print_task_list(task_files, as_json: bool) -> None:
         document = {"schema": "llmforge.eval-tasks/2", "tasks": rows, "suites": suites}
         click.echo(json.dumps(document, indent=2, sort_keys=True))
         return
+    # Columns as wide as their longest entry, so that a plugin's long task name keeps them aligned.
+    name_width = max([14, *(len(row["name"]) for row in rows), *(len(suite["name"]) for suite in suites)])
+    kind_width = max([16, *(len(row["kind"]) for row in rows)])
+    metric_width = max([14, *(len(row["metric"]) for row in rows)])
     click.echo("tasks:")
     for row in rows:
-        click.echo(f"  {row['name']:<14} {row['kind']:<16} {row['metric']:<14} {row['description']}")
+        click.echo(f"  {row['name']:<{name_width}} {row['kind']:<{kind_width}} {row['metric']:<{metric_width}} "
+                   f"{row['description']}")
     click.echo("suites:")
     for suite in suites:
-        click.echo(f"  {suite['name']:<14} {','.join(suite['tasks']):<31} {suite['description']}")
+        click.echo(f"  {suite['name']:<{name_width}} {','.join(suite['tasks']):<31} {suite['description']}")
 
 
 def _plot_path(plot: str | None, output: str | None) -> Path | None:

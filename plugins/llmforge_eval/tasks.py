@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,13 @@ def coerce_spec(item: dict | str | Path, source: str) -> TaskSpec:
     if isinstance(item, TaskSpec):
         return item
     if isinstance(item, (str, Path)):
+        if not Path(item).is_file():
+            raise ForgeError(f"task file not found: {item}, returned by the forge_eval_tasks hook of {source}; "
+                             "fix or reinstall that plugin")
         return load_spec_file(item)
+    if not isinstance(item, Mapping):
+        raise ForgeError(f"the forge_eval_tasks hook of {source} returned {item!r}, which is not a spec dict, "
+                         "a spec file path or a TaskSpec; fix that plugin")
     return parse_spec(dict(item), source=source)
 
 
