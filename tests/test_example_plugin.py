@@ -94,6 +94,20 @@ def test_load_plugins_selects_example(plugin_env):
     assert [plugin["name"] for plugin in json.loads(result.stdout)["plugins"]] == ["tokens"]
 
 
+@pytest.mark.parametrize(("shell", "expected"), [
+    ("bash", "plugins tokens transfer zo"),
+    ("fish", "__forge_at tokens"),
+    ("zsh", "'tokens:"),
+])
+def test_completion_covers_example_command(plugin_env, shell, expected):
+    with_plugin = run_forge("completion", shell, env=plugin_env)
+    without = run_forge("completion", shell, env={**plugin_env, "PYTHONPATH": ""})
+
+    assert with_plugin.returncode == 0, with_plugin.stderr
+    assert expected in with_plugin.stdout
+    assert expected not in without.stdout
+
+
 def test_tokens_on_tiny_model(plugin_env, tiny_model_dir, qa_data):
     result = run_forge("tokens", "--model", str(tiny_model_dir), "--data", str(qa_data), "--json", env=plugin_env)
     assert result.returncode == 0, result.stderr
