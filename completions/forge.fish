@@ -746,7 +746,7 @@ complete -c forge -n '__forge_at transfer' -l alpha -x -d 'Factor applied to the
 complete -c forge -n '__forge_at transfer' -l alpha-data -x -d 'Held-out data for --alpha-grid, in any format forge finetune reads; keep it...'
 complete -c forge -n '__forge_at transfer' -l alpha-grid -x -d 'Choose alpha from these values (0 is always scored) by the lowest loss on...'
 complete -c forge -n '__forge_at transfer' -l batch-size -x -d 'Calibration examples per forward-backward pass'
-complete -c forge -n '__forge_at transfer' -l calib -x -d 'Calibration data file, in any format forge finetune reads'
+complete -c forge -n '__forge_at transfer' -l calib -x -d 'Calibration data file, in any format forge finetune reads; required unless...'
 complete -c forge -n '__forge_at transfer' -l calib-tokens -x -d 'Calibration tokens to use (whole examples, up to this count)'
 complete -c forge -n '__forge_at transfer' -l dtype -x -a 'float32 float64' -d 'Dtype of both models during calibration; the sums are float64 either way'
 complete -c forge -n '__forge_at transfer' -l help -s h -d 'Show this message and exit'

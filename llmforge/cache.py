@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
@@ -30,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from llmforge.checkpoint import _fsync_directory, file_digest, load_tensors, save_tensors, write_json
+from llmforge.checkpoint import (DiskFullError, _fsync_directory, file_digest, load_tensors, save_tensors,
+                                 write_json)
 from llmforge.errors import ForgeError
 
 if TYPE_CHECKING:
@@ -187,12 +189,34 @@ class Cache:
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def _naming_full_disk(self) -> Iterator[None]:
+        """Report a full disk while an entry is written as DiskFullError naming the cache, not a file in tmp/.
+
+        Writers in tmp/ fail with OSError (plain open()) or DiskFullError (llmforge.checkpoint), whose
+        path and advice ("write the output elsewhere") would point the user at the wrong place.
+        """
+        try:
+            yield
+        except (OSError, DiskFullError) as error:
+            number = getattr(error, "errno", None)
+            where = getattr(error, "filename", None)
+            elsewhere = (isinstance(where, (str, os.PathLike))
+                         and Path(os.path.abspath(self.root)) not in Path(os.path.abspath(where)).parents)
+            if number not in (errno.ENOSPC, errno.EDQUOT) or elsewhere:
+                raise
+            full = DiskFullError(f"cannot write to the cache in {self.root}: {os.strerror(number).lower()}; free space "
+                                 "on its file system (`forge cache gc --unused-days N` removes entries unused for N "
+                                 "days) or set FORGE_CACHE to a directory on another file system")
+            full.errno = number
+            raise full from error
+
     def _get_or_create(self, key: CacheKey, fmt: str, produce: Callable[[Path], None], metadata: Mapping[str, str] | None) -> dict[str, Any]:
         record = self.lookup(key)
         if record is not None:
             return record
 
-        with self._key_lock(key):
+        with self._naming_full_disk(), self._key_lock(key):
             record = self.lookup(key)
             if record is not None:
                 return record

@@ -151,18 +151,43 @@ def check_output_directory(path: Path, *, overwrite: bool, marker: str | None = 
 
 
 def check_output_apart(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
-    """Raise ForgeError when the output directory is one of ``inputs`` (label: path) or contains one.
+    """Raise ForgeError when the output is one of ``inputs`` (label: path), contains one, or lies inside one.
 
-    The finished output replaces that directory, so the input would be deleted.
+    The finished output replaces its path, so an input there would be deleted, and an output
+    written inside an input model directory would change that model. Inputs that are None or not
+    paths on disk (built-in model names, ``demo:`` data) are skipped.
     """
     target = Path(output).resolve()
     for label, path in inputs.items():
-        if path is None:
+        if path is None or not Path(path).exists():
             continue
         resolved = Path(path).resolve()
         if resolved == target or target in resolved.parents:
-            raise ForgeError(f"output directory {output} would replace the {label} {path}, an input of this "
-                             "command; write the output elsewhere")
+            raise ForgeError(f"output {output} would replace the {label} {path}, an input of this command; "
+                             "write the output elsewhere")
+        if resolved in target.parents:
+            raise ForgeError(f"output {output} lies inside the {label} {path}, an input of this command; "
+                             "write the output elsewhere")
+
+
+def check_report_output(output: str | os.PathLike, *, schema_prefix: str,
+                        inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Raise ForgeError unless `output` may receive a JSON report whose schema starts with `schema_prefix`.
+
+    An existing file is replaced only when it is such a report, so a mistyped -o cannot destroy
+    weights, data or a config. Inputs are checked as in check_output_apart.
+    """
+    check_output_apart(output, inputs)
+    path = Path(output)
+    if not path.exists():
+        return
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8")).get("schema", "")
+    except (OSError, ValueError, AttributeError):
+        schema = ""
+    if path.is_dir() or not isinstance(schema, str) or not schema.startswith(schema_prefix):
+        raise ForgeError(f"{output} exists and is not a {schema_prefix.rstrip('/')} report, so it is kept; "
+                         "remove it or choose another -o path")
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from typing import Callable
 
 import click
@@ -86,6 +87,18 @@ def _resume_hint(ctx: click.Context) -> str | None:
         return None
 
 
+def _end_on_closed_stdout(ctx: click.Context) -> None:
+    """Exit 0 after the reader of stdout went away (`forge ... | head`), without a message.
+
+    Whether a write still hit the closed pipe depends on timing, so the status is 0 either way: a
+    pipeline under `set -o pipefail` must not fail at random. stdout is pointed at /dev/null so
+    that the final flush at exit cannot fail again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    ctx.exit(0)
+
+
 class ForgeGroup(click.Group):
     """A click group that turns ForgeError into ``Error: ...`` on stderr and exit status 1.
 
@@ -137,7 +150,9 @@ class ForgeGroup(click.Group):
         except OSError as error:
             # The user can fix file system failures such as a parent path that is a file, a missing
             # permission or a full disk, so name the path instead of printing a traceback.
-            if ctx.find_root().params.get("debug") or isinstance(error, BrokenPipeError):
+            if isinstance(error, BrokenPipeError):
+                _end_on_closed_stdout(ctx)
+            if ctx.find_root().params.get("debug"):
                 raise
             where = f": {error.filename}" if error.filename else ""
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -304,9 +319,13 @@ def main() -> None:
     exit status is 143. SIGKILL cannot be caught and leaves them behind.
     """
     signal.signal(signal.SIGTERM, _raise_terminated)
+    # transformers 5.x warns about its own deprecated attribute whenever a model is loaded. The user
+    # cannot act on it, and it would put text on stderr under --quiet.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         cli.main(prog_name="forge")
     except BrokenPipeError:
+        # A closed stdout outside a command (in click's own help or usage output).
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(1)
+        sys.exit(0)

@@ -43,7 +43,8 @@ def help_text(cli: click.Command, path: tuple[str, ...]) -> str:
     """Render the ``--help`` text of the command at `path` as a terminal of WIDTH columns would show it."""
     from llmforge.cli import LIST_EXTERNALS
 
-    context = click.Context(cli, info_name=path[0], terminal_width=WIDTH, max_content_width=WIDTH)
+    settings = {**cli.context_settings, "terminal_width": WIDTH, "max_content_width": WIDTH}
+    context = click.Context(cli, info_name=path[0], **settings)
     context.meta[LIST_EXTERNALS] = False  # the programs on this machine's PATH are not part of forge
     command = cli
     for name in path[1:]:

@@ -424,7 +424,7 @@ def output_replaces_base_dir(bench: Bench) -> Case:
     base = bench.model_copy("base")
     (base / "forge_run.json").write_text("{}")
     return Case(["edit", "merge", "--base", str(base), "--vector", str(bench.vector()), "-o", str(base),
-                 "--overwrite"], f"output directory {base} would replace the base", watched=[base])
+                 "--overwrite"], f"output {base} would replace the base", watched=[base])
 
 
 def output_contains_vector(bench: Bench) -> Case:
@@ -439,13 +439,32 @@ def output_replaces_target_base(bench: Bench) -> Case:
     (target / "forge_run.json").write_text("{}")
     return Case(["transfer", "--source-base", str(bench.tiny), "--vector", str(bench.vector()), "--align", "naive",
                  "--target-base", str(target), "--calib", str(bench.qa), "-o", str(target), "--overwrite"],
-                f"output directory {target} would replace the target base", watched=[target])
+                f"output {target} would replace the target base", watched=[target])
 
 
 def output_inside_vector_file(bench: Bench) -> Case:
     vector = bench.vector()
     return Case(["edit", "apply", "--base", str(bench.tiny), "--vector", str(vector), "--select", "all",
                  "-o", str(vector / "applied")], f"{vector}", watched=[bench.root])
+
+
+def eval_report_inside_model(bench: Bench) -> Case:
+    model = bench.model_copy("model")
+    return Case(bench.eval("-o", str(model / WEIGHTS), model=model), f"lies inside the model {model}",
+                watched=[model])
+
+
+def eval_report_over_data_file(bench: Bench) -> Case:
+    data = bench.out_dir / "keep.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "2"}\n')
+    return Case(bench.eval("-o", str(data)), "is not a llmforge.eval report")
+
+
+def finetune_output_replaces_model(bench: Bench) -> Case:
+    model = bench.model_copy("base")
+    (model / "forge_run.json").write_text("{}")
+    return Case(bench.finetune("-o", str(model), "--overwrite", model=model), f"would replace the model {model}",
+                watched=[model])
 
 
 def cache_key_outside_cache(bench: Bench) -> Case:
@@ -475,6 +494,7 @@ CASES = [
     zero_eval_limit,
     output_dir_is_existing_file, output_file_exists, output_overwrites_input_weights, output_replaces_base_dir,
     output_contains_vector, output_replaces_target_base, output_inside_vector_file,
+    eval_report_inside_model, eval_report_over_data_file, finetune_output_replaces_model,
     cache_key_outside_cache, cache_root_is_file,
 ]
 

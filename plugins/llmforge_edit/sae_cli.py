@@ -208,7 +208,7 @@ def train_command(model, data, output, layers, tokens, max_length, skip_bos, fmt
                               overwrite=overwrite, progress=not quiet)
     summary = train_saes(request, settings, command=["forge", *sys.argv[1:]] if sys.argv else None)
     if as_json:
-        print_json(summary)
+        print_json({"schema": "llmforge.edit.sae-summary/1", **summary})
         return
     for row in summary["layers"]:
         click.echo(f"layer {row['layer']:>3}  d_sae {row['d_sae']}  k {row['k']}  explained variance "

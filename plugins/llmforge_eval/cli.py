@@ -14,7 +14,7 @@ import click
 
 from llmforge.cli import set_resume_hint
 
-from llmforge_eval.cli_common import emit_report, silence_progress_bars, split_list
+from llmforge_eval.cli_common import check_report_target, emit_report, silence_progress_bars, split_list
 from llmforge_eval.evaluate import DEFAULT_DTYPE
 
 _HELP_TASKS = "Comma list of task or suite names (see --list-tasks)."
@@ -112,6 +112,7 @@ def eval_command(ctx, models, target, general, baseline, limit, seed, batch_size
         return
     if not models:
         raise click.UsageError("Missing option '--model' (or use --list-tasks).")
+    check_report_target(output, "llmforge.eval", {"model": models, "baseline": baseline, "task file": task_files})
     set_resume_hint("With --no-cache no score was kept, so a rerun scores every task again." if no_cache else
                     "Rerun the same command to continue: the scores of the tasks that finished are cached and reused.")
 

@@ -11,7 +11,7 @@ import click
 
 from llmforge.cli import set_resume_hint
 from llmforge.errors import ForgeError
-from llmforge_eval.cli_common import emit_report, plots_directory
+from llmforge_eval.cli_common import check_report_target, emit_report, plots_directory
 from llmforge_eval.drift import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPS,
@@ -239,6 +239,8 @@ def drift_command(models, baseline, data, limit, seed, max_tokens, modules, eps,
     forge eval drift --model ./lora --model ./oft --baseline smollm2-135m --data prompts.jsonl -o drift.json
     """
 
+    check_report_target(output, "llmforge.eval.drift", {"model": models, "baseline": baseline, "data": data,
+                                                         "task file": task_files})
     set_resume_hint("Rerun the same command to continue: the activations captured before the interrupt are cached "
                     "per model and reused.")
     if quiet:

@@ -74,10 +74,12 @@ def interpolate_command(tuned, baseline, target, general, alphas, checkpoints, o
         -o path.json --write-best ./best
     """
 
-    from llmforge_eval.cli_common import emit_report, silence_progress_bars, split_list
+    from llmforge_eval.cli_common import check_report_target, emit_report, silence_progress_bars, split_list
     from llmforge_eval.interpolate import interpolate, parse_alphas
     from llmforge_eval.interpolate_report import format_table, write_plot, write_point_model
 
+    check_report_target(output, "llmforge.eval.interpolate", {"fine-tuned model": tuned, "baseline": baseline,
+                                                               "task file": task_files})
     set_resume_hint("With --no-cache no score was kept, so a rerun scores every point again." if no_cache else
                     "Rerun the same command to continue: the scores of the finished points and tasks are cached and reused.")
     if quiet:

@@ -7,7 +7,7 @@ import sys
 import click
 
 from llmforge.cli import set_resume_hint
-from llmforge_eval.cli_common import emit_report, plots_directory, split_list
+from llmforge_eval.cli_common import check_report_target, emit_report, plots_directory, split_list
 
 
 @click.command(name="spectra")
@@ -48,6 +48,7 @@ def spectra_command(models, base, modules, window, padding, normalize, as_json, 
     from llmforge_eval.spectra import SpectraSettings, format_table, spectra_report
     from llmforge_eval.spectra_plots import write_plots
 
+    check_report_target(output, "llmforge.eval.spectra", {"model": models, "base": base})
     set_resume_hint("Rerun the same command to continue: the models analysed before the interrupt are cached and reused.")
     settings = SpectraSettings(window=window, padding=padding, normalize=normalize, modules=tuple(split_list(modules)))
     report = spectra_report(models, base, settings, progress=not quiet, command=sys.argv)

@@ -21,7 +21,7 @@ def print_methods(as_json: bool) -> None:
     """Print every method with its options and defaults."""
     methods = [spec.describe() for spec in METHODS.values()]
     if as_json:
-        click.echo(json.dumps({"methods": methods}, indent=2, sort_keys=True))
+        click.echo(json.dumps({"schema": "llmforge.finetune.methods/1", "methods": methods}, indent=2, sort_keys=True))
         return
     for method in methods:
         defaults = ", ".join(f"{name}={value}" for name, value in method["defaults"].items()) or "none"
@@ -171,7 +171,7 @@ def finetune_command(model, data, output, fmt, prompt_template, completion_templ
 
     if dry_run:
         if as_json:
-            click.echo(json.dumps(summary, indent=2, sort_keys=True))
+            click.echo(json.dumps({"schema": "llmforge.finetune.plan/1", **summary}, indent=2, sort_keys=True))
         else:
             print_plan(summary)
         return
@@ -184,4 +184,4 @@ def finetune_command(model, data, output, fmt, prompt_template, completion_templ
                    + ("" if summary["final_eval_loss"] is None else f", held-out loss {summary['final_eval_loss']:.4f}")
                    + f"; output written to {summary['output']}", err=True)
     if as_json:
-        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        click.echo(json.dumps({"schema": "llmforge.finetune.summary/1", **summary}, indent=2, sort_keys=True))

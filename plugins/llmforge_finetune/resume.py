@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from llmforge.checkpoint import partial_directory
 from llmforge.errors import ForgeError
+from llmforge.staging import remove_stale_staging, staging_prefix
 
 STATE_FORMAT = "llmforge.finetune.partial/1"
 # Settings that may change on --resume after a run stopped on a NaN or infinite loss.
@@ -81,20 +82,27 @@ class PartialRun:
         Only the `main` process (rank 0 of a data-parallel run) removes a directory that --overwrite replaces.
         """
         directory = partial_directory(output)
+        if main:
+            remove_stale_staging(directory)  # what a run killed while removing OUTPUT.partial left
         # A JSON round trip turns tuples into lists, so fresh settings compare equal to saved ones.
         settings = json.loads(json.dumps(settings))
         run = cls(directory=directory, settings=settings, save_every=save_every)
         latest = run.latest_state()
         if not resume:
+            if directory.exists() and not overwrite and latest is None:
+                # A run killed before its first state was complete: --resume would find nothing to continue.
+                raise ForgeError(f"an unfinished run of {output} left {directory} with no saved state to resume; "
+                                 "pass --overwrite to discard it and start over")
             if directory.exists() and not overwrite:
                 raise ForgeError(f"an unfinished run of {output} is in {directory}; pass --resume to continue it, "
                                  "or --overwrite to discard it and start over")
             if main:
-                shutil.rmtree(directory, ignore_errors=True)
+                _remove_tree(directory)
             return run
         if latest is None:
+            again = "with --overwrite and without --resume" if directory.exists() else "without --resume"
             raise ForgeError(f"--resume: no saved state in {directory}; the run saved no checkpoint "
-                             "(pass --save-every N to save one), so start it again without --resume")
+                             f"(pass --save-every N to save one), so start it again {again}")
         run._state_dir = latest
         run._check_settings(json.loads((latest / "trainer.json").read_text(encoding="utf-8")))
         if main:
@@ -204,7 +212,7 @@ class PartialRun:
 
         # The two newest states are kept: a non-finite loss at the next step discards the newest.
         for older in sorted(self.directory.glob("state-[0-9]*"))[:-2]:
-            shutil.rmtree(older, ignore_errors=True)
+            _remove_tree(older)
         (self.directory / "stopped.json").unlink(missing_ok=True)
         if os.environ.get(KILL_AFTER_STEP_VARIABLE) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -220,8 +228,8 @@ class PartialRun:
 
         latest = self.latest_state()
         if latest is not None and not weights_diverged and _step_of(latest) == step - 1:
-            shutil.rmtree(latest, ignore_errors=True)
-            shutil.rmtree(self.directory / "checkpoints" / f"step-{step - 1:06d}", ignore_errors=True)
+            _remove_tree(latest)
+            _remove_tree(self.directory / "checkpoints" / f"step-{step - 1:06d}")
             latest = self.latest_state()
         if latest is None:
             return "no checkpoint from before the divergence was saved (pass --save-every N to keep one)"
@@ -235,7 +243,22 @@ class PartialRun:
 
     def discard(self) -> None:
         """Remove the partial directory after the run's output is written."""
-        shutil.rmtree(self.directory, ignore_errors=True)
+        _remove_tree(self.directory)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a directory, first renamed to a staging name so that a kill never leaves it half removed.
+
+    A half-removed state-* directory would look like a state to resume from. What a kill leaves
+    is removed by `_remove_temporaries` inside OUTPUT.partial, and beside it by the next run's
+    `remove_stale_staging`.
+    """
+    renamed = path.with_name(f"{staging_prefix(path)}{os.urandom(4).hex()}.tmp")
+    try:
+        os.rename(path, renamed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(renamed, ignore_errors=True)
 
 
 def _remove_temporaries(directory: Path) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmforge.checkpoint import check_output_directory
+from llmforge.checkpoint import check_output_apart, check_output_directory
 from llmforge.cli import silence_progress_bars
 from llmforge.data import OVERLONG_POLICIES
 from llmforge.errors import ForgeError
@@ -80,6 +80,7 @@ class FinetuneRequest:
         if self.data is None or self.output is None:
             raise ForgeError("missing --data or --output; both are required unless --dry-run is given")
         check_output_directory(Path(self.output), overwrite=self.overwrite)
+        check_output_apart(self.output, {"model": self.model, "training data": self.data, "eval data": self.eval_data})
         return spec, values
 
     def _validate_loop_options(self) -> None:

@@ -17,7 +17,8 @@ from llmforge.cli import print_json, set_resume_hint, silence_progress_bars
 @click.option("--vector", type=click.Path(dir_okay=False, exists=True),
               help="Task-vector file from `forge edit diff` against --source-base (instead of --source-tuned).")
 @click.option("--target-base", metavar="REF", help="New base model to carry the vector to.")
-@click.option("--calib", metavar="DATA", help="Calibration data file, in any format forge finetune reads.")
+@click.option("--calib", metavar="DATA",
+              help="Calibration data file, in any format forge finetune reads; required unless --align naive.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
               help="HF model directory to write, with transported_vector.safetensors and forge_run.json.")
 @click.option("--align", type=click.Choice(["bico", "activations", "naive"]), default="bico", show_default=True,
@@ -66,8 +67,11 @@ def transfer_group(ctx, source_base, source_tuned, vector, target_base, calib, o
 
     if ctx.invoked_subcommand is not None:
         return
+    # naive adds the vector unchanged, so only the aligned methods read calibration data.
+    needs_calib = align != "naive"
     missing = [flag for flag, value in (("--source-base", source_base), ("--target-base", target_base),
-                                        ("--calib", calib), ("--output", output)) if value is None]
+                                        ("--calib", calib if needs_calib else ""), ("--output", output))
+               if value is None]
     if missing:
         raise click.UsageError(f"Missing option '{missing[0]}'.")
     set_resume_hint("Rerun the same command; calibration statistics computed before the interrupt come from the "

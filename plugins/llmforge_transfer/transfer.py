@@ -28,7 +28,7 @@ class TransferRequest:
 
     source_base: str
     target_base: str
-    calib: str
+    calib: str | None
     output: Path
     source_tuned: str | None = None
     vector: str | None = None

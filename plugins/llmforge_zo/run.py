@@ -138,7 +138,7 @@ def run_zo(request: ZORequest, *, command: list[str] | None = None, cache=None) 
     import torch
 
     from llmforge.cache import Cache
-    from llmforge.checkpoint import check_output_directory, file_digest, run_record
+    from llmforge.checkpoint import check_output_apart, check_output_directory, file_digest, run_record
     from llmforge.data import resolve_data_path
     from llmforge.models import load_model, resolve_model_dir
 
@@ -152,6 +152,8 @@ def run_zo(request: ZORequest, *, command: list[str] | None = None, cache=None) 
     settings = request.validate()
     if not request.resume:
         check_output_directory(request.output, overwrite=request.overwrite)
+    check_output_apart(request.output, {"model": request.model, "training data": request.data,
+                                        "eval data": request.eval_data})
     factory = get_backend(request.backend)
     cache = cache or Cache()
     check_trainable_base(request.model, cache)
