@@ -175,7 +175,19 @@ class Cache:
         record = self.lookup(key)
         if record is None:
             return None
-        return json.loads(self.blob_path(record).read_text())
+        return self._read_json_blob(key, record)
+
+    def _read_json_blob(self, key: CacheKey, record: Mapping[str, Any]) -> Any:
+        """Read a JSON entry after checking its bytes against the digest in its blob name.
+
+        JSON entries are small (scores, summaries), so the check costs little and an edited or
+        damaged score is never reported as a result. Tensor entries are checked by `forge cache verify`.
+        """
+        raw = self.blob_path(record).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != record["blob"].split(".", 1)[0]:
+            raise ForgeError(f"the cache entry {key.digest[:16]} ({key.kind}) is corrupt: its content no longer "
+                             f"matches its digest; remove it with `forge cache rm {key.digest[:16]}` and rerun")
+        return json.loads(raw)
 
     # Writing
 
@@ -284,7 +296,7 @@ class Cache:
     def get_or_compute_json(self, key: CacheKey, compute: Callable[[], Any]) -> Any:
         """Return the JSON document cached under ``key``, computing and storing it once if absent."""
         record = self._get_or_create(key, "json", lambda path: write_json(path, compute()), None)
-        return json.loads(self.blob_path(record).read_text())
+        return self._read_json_blob(key, record)
 
     def get_or_compute_dir(self, key: CacheKey, fill: Callable[[Path], None], metadata: Mapping[str, str] | None = None) -> Path:
         """Return the directory cached under ``key``; if absent, ``fill`` writes it into an empty directory once."""

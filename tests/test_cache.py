@@ -123,6 +123,22 @@ def test_record_cannot_name_blob_outside(tmp_path):
         cache.blob_path(record)
 
 
+def test_edited_json_entry_is_not_served(tmp_path):
+    cache = Cache(tmp_path)
+    key = CacheKey("eval-score", {"model": "sha256:1"})
+    cache.get_or_compute_json(key, lambda: {"acc": 0.25})
+    blob = cache.blob_path(cache.lookup(key))
+    blob.write_text('{"acc": 0.99}')
+
+    with pytest.raises(ForgeError, match=f"forge cache rm {key.digest[:16]}"):
+        cache.lookup_json(key)
+    with pytest.raises(ForgeError, match="is corrupt"):
+        cache.get_or_compute_json(key, lambda: {"acc": 0.25})
+
+    cache.remove([cache.ref_path(key)])
+    assert cache.get_or_compute_json(key, lambda: {"acc": 0.25}) == {"acc": 0.25}
+
+
 def test_remove_and_gc(tmp_path):
     cache = Cache(tmp_path)
     cache.get_or_compute_json(CacheKey("eval-score", {}, {"n": 1}), lambda: {"acc": 1.0})
