@@ -181,8 +181,13 @@ def check_report_output(output: str | os.PathLike, *, schema_prefix: str,
     path = Path(output)
     if not path.exists():
         return
+    schema = ""
     try:
-        schema = json.loads(path.read_text(encoding="utf-8")).get("schema", "")
+        with open(path, "rb") as handle:
+            # A JSON report starts with "{", so weights and data files are rejected without reading them whole.
+            head = handle.read(64)
+            if head.lstrip().startswith(b"{"):
+                schema = json.loads(head + handle.read()).get("schema", "")
     except (OSError, ValueError, AttributeError):
         schema = ""
     if path.is_dir() or not isinstance(schema, str) or not schema.startswith(schema_prefix):

@@ -6,8 +6,6 @@ import io
 import json
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pluggy
 import pytest
@@ -16,7 +14,7 @@ from llmforge import hookspecs, plugins
 from llmforge.completion import builtin_plugin_names
 from llmforge.hookspecs import hookimpl
 
-from conftest import FORGE
+from conftest import FORGE, install_plugin
 
 
 @pytest.fixture
@@ -25,15 +23,6 @@ def fresh_manager():
     plugins.reset_for_tests()
     yield
     plugins.reset_for_tests()
-
-
-def install_plugin(root: Path, module: str, source: str) -> None:
-    """Install a plugin module under root the way pip would: the module plus a dist-info with an entry point."""
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{module}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[llmforge]\n{module} = {module}\n")
 
 
 def run_forge(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

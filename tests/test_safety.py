@@ -18,7 +18,7 @@ import pytest
 from llmforge.errors import ForgeError
 from llmforge.models import load_model, load_tokenizer
 
-from conftest import FORGE
+from conftest import FORGE, install_plugin
 
 
 class OpensFileWhenUnpickled:
@@ -120,15 +120,6 @@ def test_remote_code_never_runs_on_finetune_plan(tiny_model_dir, tmp_path, forge
 
 
 # Plugins
-
-
-def install_plugin(root: Path, name: str, source: str) -> None:
-    """Install module `name` with an entry point in the llmforge group, the way pip would."""
-    (root / f"{name}.py").write_text(textwrap.dedent(source))
-    info = root / f"{name}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[llmforge]\n{name} = {name}\n")
 
 
 def run_forge(*args: str, env: dict) -> subprocess.CompletedProcess:
